@@ -1,0 +1,2 @@
+//! Baton's builder agent
+fn main() {}

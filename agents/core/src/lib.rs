@@ -1,0 +1,1 @@
+//! Baton's shared agent runtime

@@ -1,0 +1,2 @@
+//! Baton's deployer agent
+fn main() {}

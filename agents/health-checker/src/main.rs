@@ -1,0 +1,2 @@
+//! Baton's health-checker agent
+fn main() {}

@@ -1,0 +1,2 @@
+//! Baton's metrics agent
+fn main() {}

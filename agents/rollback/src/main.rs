@@ -1,0 +1,2 @@
+//! Baton's rollback agent
+fn main() {}

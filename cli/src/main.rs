@@ -1,0 +1,2 @@
+//! Baton's command-line interface
+fn main() {}

@@ -1,0 +1,1 @@
+//! Baton's event schema (protobuf, package baton.v1)
