@@ -1,1 +1,373 @@
-//! placeholder
+//! Baton's sandbox: the real servers Baton talks to, started on random loopback ports for tests
+//! and the demo (DESIGN.md §8) — nats-server with JetStream and Baton's bus configuration, a
+//! Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler), an
+//! OCI registry, and simulated nodes standing in for kubelets. Everything lives in one
+//! temporary directory, and every server dies with the process that started it.
+
+pub mod bins;
+pub mod cli;
+pub mod error;
+pub mod kube;
+pub mod nats;
+pub mod process;
+pub mod registry;
+pub mod registry_server;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+pub use crate::error::{Result, SandboxError};
+pub use crate::kube::KubeCluster;
+pub use crate::nats::{NatsServer, NATS_USERS};
+pub use crate::registry_server::RegistryServer;
+
+/// Installs rustls' ring provider as the process default (kube and reqwest are built without
+/// one). Installing twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The workspace's `bus-config/` directory, unless `BATON_BUS_CONFIG` says otherwise.
+pub fn default_bus_config_dir() -> PathBuf {
+    std::env::var_os("BATON_BUS_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bus-config"))
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// Simulated nodes to register (needs `kube` and `registry`).
+    pub nodes: usize,
+    /// Start the Kubernetes control plane.
+    pub kube: bool,
+    /// Start the OCI registry.
+    pub registry: bool,
+    /// Directory holding `nats-server.conf`.
+    pub bus_config_dir: PathBuf,
+    /// Behaviour of the simulated nodes; `nodes` above overrides its node count.
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            kube: true,
+            registry: true,
+            bus_config_dir: default_bus_config_dir(),
+        }
+    }
+}
+
+impl SandboxOptions {
+    /// Only nats-server: what most bus tests need, in well under a second.
+    pub fn nats_only() -> Self {
+        Self {
+            nodes: 0,
+            kube: false,
+            registry: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// Where the sandbox's servers are, as the agents and the CLI take it from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxEnv {
+    pub nats_url: String,
+    pub kubeconfig: Option<PathBuf>,
+    /// `127.0.0.1:PORT`
+    pub registry: Option<String>,
+    /// Directory of `<user>.nk` nkey seeds.
+    pub credentials: PathBuf,
+}
+
+impl SandboxEnv {
+    /// `(NAME, value)` pairs: `NATS_URL`, `KUBECONFIG`, `BATON_REGISTRY`, `BATON_CREDENTIALS`.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        let mut vars = vec![("NATS_URL", self.nats_url.clone())];
+        if let Some(kubeconfig) = &self.kubeconfig {
+            vars.push(("KUBECONFIG", kubeconfig.display().to_string()));
+        }
+        if let Some(registry) = &self.registry {
+            vars.push(("BATON_REGISTRY", registry.clone()));
+        }
+        vars.push(("BATON_CREDENTIALS", self.credentials.display().to_string()));
+        vars
+    }
+
+    /// `NAME=value` lines, quoted for the shell where needed (`set -a; . file; set +a`).
+    pub fn to_env_file(&self) -> String {
+        self.vars()
+            .into_iter()
+            .fold(String::new(), |mut out, (name, value)| {
+                let _ = writeln!(out, "{name}={}", shell_quote(&value));
+                out
+            })
+    }
+}
+
+fn shell_quote(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/:._-+@%,=".contains(c));
+    if plain {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\'', r"'\''"))
+    }
+}
+
+/// All the servers, in one temporary directory. Dropping it stops them (blocking briefly);
+/// [`Sandbox::shutdown`] does the same without blocking the runtime.
+pub struct Sandbox {
+    nats: NatsServer,
+    kube: Option<KubeCluster>,
+    registry: Option<RegistryServer>,
+    nodes: Option<()>,
+    http: reqwest::Client,
+    // Last, so that it is removed after the servers have stopped.
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("dir", &self.dir.path())
+            .field("nats", &self.nats.url())
+            .field("kube", &self.kube.as_ref().map(KubeCluster::server))
+            .field(
+                "registry",
+                &self.registry.as_ref().map(RegistryServer::host_port),
+            )
+            .field("nodes", &self.nodes.is_some())
+            .finish()
+    }
+}
+
+impl Sandbox {
+    /// Starts what `options` asks for, concurrently where possible: nats-server and the
+    /// registry come up while etcd and the apiserver do.
+    pub async fn start(options: SandboxOptions) -> Result<Self> {
+        install_crypto_provider();
+        if options.nodes > 0 && !(options.kube && options.registry) {
+            return Err(SandboxError::InvalidOptions {
+                reason: format!(
+                    "{} simulated nodes need both kube and the registry",
+                    options.nodes
+                ),
+            });
+        }
+        let started = Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix("baton-sandbox-")
+            .tempdir()
+            .map_err(|source| SandboxError::Io {
+                what: "create the sandbox's temporary directory",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(&logs).map_err(|source| SandboxError::Io {
+            what: "create the logs dir",
+            path: logs.clone(),
+            source,
+        })?;
+        let http = reqwest::Client::builder()
+            // Only for readiness probes on loopback, against the apiserver's self-signed cert.
+            .tls_danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(SandboxError::HttpClient)?;
+        info!(dir = %dir.path().display(), "starting sandbox");
+
+        let path = dir.path();
+        let (nats, kube, registry) = tokio::join!(
+            NatsServer::start(path, &options.bus_config_dir),
+            async {
+                match options.kube {
+                    true => KubeCluster::start(path, &http).await.map(Some),
+                    false => Ok(None),
+                }
+            },
+            async {
+                match options.registry {
+                    true => RegistryServer::start(path, &http).await.map(Some),
+                    false => Ok(None),
+                }
+            },
+        );
+        // On error, whatever did start is stopped as the results drop.
+        let (nats, kube, registry) = (nats?, kube?, registry?);
+
+        let mut sandbox = Self {
+            nats,
+            kube,
+            registry,
+            nodes: None,
+            http,
+            dir,
+        };
+        info!(elapsed = ?started.elapsed(), "sandbox ready");
+        Ok(sandbox)
+    }
+
+    /// A sandbox with nats-server alone.
+    pub async fn start_nats_only() -> Result<Self> {
+        Self::start(SandboxOptions::nats_only()).await
+    }
+
+    /// The sandbox's temporary directory (logs are in `logs/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn nats(&self) -> &NatsServer {
+        &self.nats
+    }
+
+    pub fn kube(&self) -> Option<&KubeCluster> {
+        self.kube.as_ref()
+    }
+
+    pub fn registry(&self) -> Option<&RegistryServer> {
+        self.registry.as_ref()
+    }
+
+    /// `127.0.0.1:PORT` of the registry.
+    pub fn registry_host(&self) -> Option<&str> {
+        self.registry.as_ref().map(RegistryServer::host_port)
+    }
+
+
+    /// A client of the sandbox's registry.
+    pub fn registry_client(&self) -> Result<registry::Registry> {
+        self.registry
+            .as_ref()
+            .ok_or(SandboxError::Disabled {
+                component: "the registry",
+            })?
+            .client()
+    }
+
+    /// A new Kubernetes client with the admin token. Must be called inside a tokio runtime.
+    pub fn kube_client(&self) -> Result<::kube::Client> {
+        self.kube
+            .as_ref()
+            .ok_or(SandboxError::Disabled {
+                component: "Kubernetes",
+            })?
+            .client()
+    }
+
+    /// A NATS client connected as `user` (one of [`NATS_USERS`]).
+    pub async fn nats_client(&self, user: &str) -> Result<async_nats::Client> {
+        self.nats.connect(user).await
+    }
+
+    pub fn env(&self) -> SandboxEnv {
+        SandboxEnv {
+            nats_url: self.nats.url().to_string(),
+            kubeconfig: self
+                .kube
+                .as_ref()
+                .map(|k| k.kubeconfig_path().to_path_buf()),
+            registry: self.registry_host().map(str::to_string),
+            credentials: self.nats.credentials_dir().to_path_buf(),
+        }
+    }
+
+    /// Writes [`SandboxEnv::to_env_file`] to `path`.
+    pub fn write_env_file(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.env().to_env_file()).map_err(|source| SandboxError::Io {
+            what: "write the env file",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// A reqwest client for loopback HTTP (accepts the apiserver's self-signed certificate).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Stops the nodes, the control plane, the registry and nats-server, then removes the
+    /// directory.
+    pub async fn shutdown(mut self) {
+        let kube = self.kube.take();
+        let registry = self.registry.take();
+        let (kube, registry, nats) = tokio::join!(
+            async {
+                match kube {
+                    Some(kube) => kube.stop().await,
+                    None => Ok(()),
+                }
+            },
+            async {
+                match registry {
+                    Some(registry) => registry.stop().await,
+                    None => Ok(()),
+                }
+            },
+            self.nats.stop(),
+        );
+        for result in [kube, registry, nats] {
+            if let Err(error) = result {
+                warn!(error = %error, "while stopping the sandbox");
+            }
+        }
+        info!(dir = %self.dir.path().display(), "sandbox stopped");
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // SIGTERM everything at once; each server's own drop then waits for it.
+        if let Some(kube) = self.kube.as_mut() {
+            kube.begin_stop();
+        }
+        if let Some(registry) = self.registry.as_mut() {
+            registry.begin_stop();
+        }
+        self.nats.begin_stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_quotes_only_what_the_shell_would_split() {
+        let env = SandboxEnv {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            kubeconfig: Some(PathBuf::from("/tmp/my sandbox/kubeconfig")),
+            registry: Some("127.0.0.1:5000".into()),
+            credentials: PathBuf::from("/tmp/it's/credentials"),
+        };
+        assert_eq!(
+            env.to_env_file(),
+            "NATS_URL=nats://127.0.0.1:4222\n\
+             KUBECONFIG='/tmp/my sandbox/kubeconfig'\n\
+             BATON_REGISTRY=127.0.0.1:5000\n\
+             BATON_CREDENTIALS='/tmp/it'\\''s/credentials'\n"
+        );
+    }
+
+    #[test]
+    fn env_file_leaves_out_what_was_not_started() {
+        let env = SandboxEnv {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            kubeconfig: None,
+            registry: None,
+            credentials: PathBuf::from("/tmp/c"),
+        };
+        assert_eq!(
+            env.to_env_file(),
+            "NATS_URL=nats://127.0.0.1:4222\nBATON_CREDENTIALS=/tmp/c\n"
+        );
+    }
+}

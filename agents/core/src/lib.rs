@@ -1,1 +1,20 @@
-//! Baton's shared agent runtime
+//! Baton's shared agent runtime.
+//!
+//! The event contract (types, owners, subjects, validation, deterministic ids), the pure release
+//! fold, and the I/O every agent shares: the NATS bus with JetStream publishing and durable
+//! consumers, dead letters, the retry policy, the bus definitions, telemetry, the HTTP health and
+//! metrics endpoint, and graceful shutdown.
+
+pub mod event;
+pub mod fold;
+#[cfg(test)]
+mod fold_tests;
+pub mod ids;
+pub mod names;
+pub mod subject;
+pub mod validate;
+
+pub use event::{Event, EventType, Role};
+pub use fold::{fold, ReleaseState, Status};
+pub use ids::EventKey;
+pub use names::{AppName, EnvName, ReleaseId};

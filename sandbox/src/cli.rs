@@ -1,0 +1,228 @@
+//! The `baton-sandbox` command: `up` runs the whole sandbox in the foreground for people,
+//! `push-image` puts an image into the sandbox registry, and the hidden `supervise` is the
+//! parent of every server (see [`crate::process`]).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use crate::{Sandbox, SandboxOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "baton-sandbox", version, about = "Baton's local sandbox: NATS, Kubernetes, a registry and simulated nodes")]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start every server and keep them running until Ctrl-C or SIGTERM.
+    Up {
+        /// Also write the environment (NATS_URL=…, KUBECONFIG=…) to this file.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+        /// Simulated nodes to register.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Start only nats-server.
+        #[arg(long)]
+        nats_only: bool,
+        /// Directory holding nats-server.conf.
+        #[arg(long, env = "BATON_BUS_CONFIG")]
+        bus_config: Option<PathBuf>,
+    },
+    /// Create an image in the registry and print its digest.
+    PushImage {
+        /// NAME:TAG, e.g. `shop/web:v2`.
+        image: String,
+        /// Environment of the image's config, K=V (repeatable); the simulated nodes read their
+        /// behaviour from it.
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// HOST:PORT of the registry.
+        #[arg(long, env = "BATON_REGISTRY")]
+        registry: String,
+    },
+    /// Run PROG, print its pid, and stop it when stdin closes (internal).
+    #[command(hide = true)]
+    Supervise {
+        /// Milliseconds between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 5000)]
+        grace_ms: u64,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); `BATON_LOG_FORMAT=json` for JSON.
+pub fn init_telemetry() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("BATON_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+impl Args {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Supervise { grace_ms, command } => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("failed to start the supervisor's runtime")?;
+                let mut command = command.into_iter();
+                let Some(program) = command.next() else {
+                    bail!("supervise needs a program to run");
+                };
+                let code = runtime.block_on(crate::process::supervise(
+                    Duration::from_millis(grace_ms),
+                    program,
+                    command.collect(),
+                ))?;
+                // Exit at once: the blocking stdin reader would otherwise hold the runtime.
+                std::process::exit(code);
+            }
+            command => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .context("failed to start the tokio runtime")?;
+                runtime.block_on(command.run())?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+}
+
+impl Command {
+    async fn run(self) -> anyhow::Result<()> {
+        crate::install_crypto_provider();
+        match self {
+            Command::Up {
+                env_file,
+                nodes,
+                nats_only,
+                bus_config,
+            } => up(env_file, nodes, nats_only, bus_config).await,
+            Command::PushImage {
+                image,
+                env,
+                registry,
+            } => push_image(&image, &env, &registry).await,
+            Command::Supervise { .. } => bail!("supervise runs on its own runtime"),
+        }
+    }
+}
+
+async fn up(
+    env_file: Option<PathBuf>,
+    nodes: usize,
+    nats_only: bool,
+    bus_config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    // Listen before starting, so that a Ctrl-C during startup still cleans up.
+    let mut term = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
+    let mut options = if nats_only {
+        SandboxOptions::nats_only()
+    } else {
+        SandboxOptions {
+            nodes,
+            ..SandboxOptions::default()
+        }
+    };
+    if let Some(dir) = bus_config {
+        options.bus_config_dir = dir;
+    }
+    let sandbox = tokio::select! {
+        sandbox = Sandbox::start(options) => sandbox.context("failed to start the sandbox")?,
+        _ = term.recv() => bail!("interrupted during startup"),
+        _ = int.recv() => bail!("interrupted during startup"),
+    };
+    let env = sandbox.env();
+    if let Some(path) = &env_file {
+        sandbox
+            .write_env_file(path)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        info!(path = %path.display(), "wrote the env file");
+    }
+    println!("{}", env.to_env_file().trim_end());
+    info!(
+        logs = %sandbox.dir().join("logs").display(),
+        "sandbox running; Ctrl-C to stop"
+    );
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM; stopping"),
+        _ = int.recv() => info!("SIGINT; stopping"),
+    }
+    sandbox.shutdown().await;
+    if let Some(path) = &env_file {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+async fn push_image(image: &str, env: &[String], registry: &str) -> anyhow::Result<()> {
+    let (name, tag) = split_image(image)?;
+    let env = env
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {pair:?} is not K=V"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = crate::registry::Registry::new(registry)
+        .with_context(|| format!("failed to create a client for registry {registry}"))?;
+    let digest = client
+        .push_image(name, tag, &env)
+        .await
+        .with_context(|| format!("failed to push {name}:{tag} to {registry}"))?;
+    println!("{digest}");
+    Ok(())
+}
+
+/// `NAME:TAG` → (NAME, TAG); the tag is after the last `:` that follows the last `/`.
+fn split_image(image: &str) -> anyhow::Result<(&str, &str)> {
+    let last_segment = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_segment..].rfind(':') {
+        Some(i) if i > 0 && last_segment + i + 1 < image.len() => {
+            Ok((&image[..last_segment + i], &image[last_segment + i + 1..]))
+        }
+        _ => bail!("{image:?} is not NAME:TAG"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_splits_at_the_tag_colon_only() {
+        for (image, expected) in [
+            ("web:v1", Some(("web", "v1"))),
+            ("shop/web:v1.2", Some(("shop/web", "v1.2"))),
+            ("127.0.0.1:5000/web:v1", Some(("127.0.0.1:5000/web", "v1"))),
+            ("127.0.0.1:5000/web", None),
+            ("web", None),
+            ("web:", None),
+            (":v1", None),
+        ] {
+            assert_eq!(split_image(image).ok(), expected, "{image}");
+        }
+    }
+}
