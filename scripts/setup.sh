@@ -9,7 +9,7 @@ KUBE_VERSION_DEB="1.20.5+really1.20.2"
 CACHE_DIR="${BATON_CACHE_DIR:-$HOME/.cache/baton}"
 KUBE_BIN_DIR="${BATON_KUBE_BIN_DIR:-$CACHE_DIR/kube-$KUBE_VERSION_DEB/bin}"
 KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
-PKGS=(nats-server etcd-server docker-registry golang-go rsync jq ca-certificates pkg-config)
+PKGS=(nats-server etcd-server docker-registry golang-go rsync jq ca-certificates openssl python3-venv)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -107,7 +107,20 @@ build_kube() {
   log "kube binaries cached in $KUBE_BIN_DIR"
 }
 
+# docker-compose 1.29 from PyPI validates compose.yaml (`config`) without a Docker engine.
+COMPOSE_VENV="$CACHE_DIR/compose-venv"
+install_compose_validator() {
+  [ -x "$COMPOSE_VENV/bin/docker-compose" ] && return
+  log "installing the compose validator (docker-compose 1.29) into $COMPOSE_VENV"
+  rm -rf "$COMPOSE_VENV"
+  python3 -m venv "$COMPOSE_VENV"
+  "$COMPOSE_VENV/bin/pip" install -q 'cython<3' wheel
+  "$COMPOSE_VENV/bin/pip" install -q 'pyyaml==5.4.1' --no-build-isolation
+  "$COMPOSE_VENV/bin/pip" install -q 'docker-compose==1.29.2'
+}
+
 install_packages
+install_compose_validator
 if [ -z "${BATON_KUBE_BIN_DIR:-}" ] || ! kube_bins_present; then
   build_kube
 fi

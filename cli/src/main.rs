@@ -1,2 +1,17 @@
-//! Baton's command-line interface
-fn main() {}
+use std::process::ExitCode;
+
+use baton_cli::Cli;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    baton_core::telemetry::init_with_default(baton_core::telemetry::LogFormat::Plain, "warn");
+    match cli.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

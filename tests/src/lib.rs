@@ -1,1 +1,248 @@
-//! Baton's integration tests
+//! Support for Baton's integration tests: the real servers of the sandbox, Baton's own binaries
+//! as real processes, and waiting on events instead of sleeping.
+//!
+//! NATS is per test (a nats-server starts in milliseconds, and a test can kill it). The
+//! Kubernetes control plane, registry and simulated nodes are shared by the whole test binary —
+//! started once on first use, on a runtime of their own — and each test works in its own
+//! namespace with its own image names.
+
+pub mod cluster;
+pub mod compose;
+
+pub use compose::repo_root;
+pub mod harness;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use baton_core::bus::{Bus, InitialConnect, NatsArgs, Source};
+use baton_core::busconfig::{self, Definitions};
+use baton_sandbox::process::{ManagedProcess, ProcessSpec};
+use baton_sandbox::{Sandbox, SandboxOptions};
+
+/// A built binary of the workspace (`cargo build --workspace` puts them in target/<profile>/).
+pub fn target_bin(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("BATON_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join(name));
+    }
+    let exe = std::env::current_exe()?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join(name))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "binary {name} not found near {}; run `cargo build --workspace` first",
+                exe.display()
+            )
+        })
+}
+
+/// A nats-server of its own with Baton's bus applied.
+pub struct BusEnv {
+    pub sandbox: Sandbox,
+}
+
+impl BusEnv {
+    pub async fn start() -> Result<BusEnv> {
+        let sandbox = Sandbox::start(SandboxOptions::nats_only())
+            .await
+            .context("starting nats-server")?;
+        let env = BusEnv { sandbox };
+        let admin = env.bus("admin").await?;
+        busconfig::apply(admin.jetstream(), &Definitions::embedded()?)
+            .await
+            .context("applying the bus")?;
+        Ok(env)
+    }
+
+    /// Connection flags as the binaries take them.
+    pub fn nats_args(&self) -> NatsArgs {
+        NatsArgs {
+            url: self.sandbox.nats().url().to_owned(),
+            credentials_dir: Some(self.sandbox.nats().credentials_dir().to_path_buf()),
+            ..NatsArgs::default()
+        }
+    }
+
+    /// A bus connection as `user` (its own nkey).
+    pub async fn bus(&self, user: &str) -> Result<Bus> {
+        let source = Source {
+            agent: user.to_owned(),
+            cluster: "test".into(),
+            instance: "test".into(),
+        };
+        Ok(Bus::connect(&self.nats_args(), user, source, InitialConnect::FailFast).await?)
+    }
+
+    /// Environment for a Baton binary talking to this bus.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NATS_URL".into(), self.sandbox.nats().url().to_owned()),
+            (
+                "BATON_CREDENTIALS".into(),
+                self.sandbox.nats().credentials_dir().display().to_string(),
+            ),
+            ("BATON_LOG".into(), "info,async_nats=warn".into()),
+        ]
+    }
+}
+
+/// One of Baton's agents running as a real process.
+pub struct AgentProcess {
+    pub name: String,
+    pub http: SocketAddr,
+    pub process: ManagedProcess,
+    client: reqwest::Client,
+}
+
+impl AgentProcess {
+    /// Starts `baton-<agent>` with the bus's environment (plus `extra`), and waits until its
+    /// `/readyz` says it is connected and consuming.
+    pub async fn start(
+        bus: &BusEnv,
+        agent: &str,
+        extra: &[(&str, &str)],
+        log_dir: &std::path::Path,
+    ) -> Result<AgentProcess> {
+        let port = baton_sandbox::process::free_port()?;
+        let http: SocketAddr = ([127, 0, 0, 1], port).into();
+        let bin = target_bin(&format!("baton-{agent}"))?;
+        let mut spec = ProcessSpec::new(agent, bin, log_dir.join(format!("{agent}.log"))).args([
+            "--http-addr",
+            &http.to_string(),
+            "--cluster",
+            "sandbox",
+        ]);
+        for (k, v) in bus.process_env() {
+            spec = spec.env(k, v);
+        }
+        for (k, v) in extra {
+            spec = spec.env(*k, *v);
+        }
+        let process = ManagedProcess::spawn(spec)?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let mut agent_process = AgentProcess {
+            name: agent.to_owned(),
+            http,
+            process,
+            client,
+        };
+        agent_process.wait_ready(Duration::from_secs(60)).await?;
+        Ok(agent_process)
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.process.is_running() {
+                bail!(
+                    "{} exited before it was ready:\n{}",
+                    self.name,
+                    self.process.log_tail(40)
+                );
+            }
+            if let Ok(r) = self
+                .client
+                .get(format!("http://{}/readyz", self.http))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} not ready after {timeout:?}:\n{}",
+                    self.name,
+                    self.process.log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The agent's Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .client
+            .get(format!("http://{}/metrics", self.http))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// The value of one series of the agent's metrics (0 when absent).
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    /// Waits until a metric series reaches `at_least` (the agent reports progress on /metrics).
+    pub async fn wait_metric(&self, series: &str, at_least: f64, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.metric(series).await?;
+            if v >= at_least {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{}: {series} is {v}, expected at least {at_least} within {timeout:?}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A valid release spec for tests.
+pub fn sample_spec(env: &str, app: &str, image: &str) -> baton_proto::v1::ReleaseSpec {
+    baton_proto::v1::ReleaseSpec {
+        app: app.into(),
+        env: env.into(),
+        namespace: app.into(),
+        image: image.into(),
+        strategy: baton_proto::v1::Strategy::Rolling as i32,
+        rollback_on_failure: true,
+        ..Default::default()
+    }
+}

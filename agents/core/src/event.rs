@@ -11,7 +11,7 @@ use crate::ids::EventKey;
 use crate::names::{NameError, ReleaseId};
 
 /// The largest envelope an agent accepts; larger ones are dead-lettered, not decoded.
-pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+pub const MAX_EVENT_BYTES: usize = 128 * 1024;
 
 /// Who may publish an event type (DESIGN.md §3). NATS permissions enforce the same table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,8 +25,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const AGENTS: [Role; 5] =
-        [Role::Builder, Role::Deployer, Role::HealthChecker, Role::Rollback, Role::Metrics];
+    pub const AGENTS: [Role; 5] = [
+        Role::Builder,
+        Role::Deployer,
+        Role::HealthChecker,
+        Role::Rollback,
+        Role::Metrics,
+    ];
 
     /// The name used for the NATS user, the dead-letter subject and consumer names.
     pub fn as_str(self) -> &'static str {
@@ -50,10 +55,17 @@ impl fmt::Display for Role {
 impl FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Role::Cli, Role::Builder, Role::Deployer, Role::HealthChecker, Role::Rollback, Role::Metrics]
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role {s:?}"))
+        [
+            Role::Cli,
+            Role::Builder,
+            Role::Deployer,
+            Role::HealthChecker,
+            Role::Rollback,
+            Role::Metrics,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| format!("unknown role {s:?}"))
     }
 }
 
@@ -123,7 +135,10 @@ event_types! {
 impl EventType {
     /// Types that end a release.
     pub fn is_terminal(self) -> bool {
-        matches!(self, EventType::ReleaseSucceeded | EventType::ReleaseFailed | EventType::ReleaseRolledBack)
+        matches!(
+            self,
+            EventType::ReleaseSucceeded | EventType::ReleaseFailed | EventType::ReleaseRolledBack
+        )
     }
 }
 
@@ -155,7 +170,10 @@ pub enum InvalidEvent {
     #[error("envelope has no source")]
     NoSource,
     #[error("subject says {subject} but payload is {payload}")]
-    TypeMismatch { subject: EventType, payload: EventType },
+    TypeMismatch {
+        subject: EventType,
+        payload: EventType,
+    },
     #[error("subject names release {subject} but envelope names {envelope}")]
     ReleaseMismatch { subject: String, envelope: String },
     #[error("invalid payload: {0}")]
@@ -193,7 +211,11 @@ impl Event {
             actor: actor.into(),
             payload: Some(payload),
         };
-        Event { envelope, event_type, release_id }
+        Event {
+            envelope,
+            event_type,
+            release_id,
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -221,9 +243,13 @@ impl Event {
         subject_release: Option<&str>,
     ) -> Result<Event, InvalidEvent> {
         if bytes.len() > MAX_EVENT_BYTES {
-            return Err(InvalidEvent::TooLarge { size: bytes.len(), limit: MAX_EVENT_BYTES });
+            return Err(InvalidEvent::TooLarge {
+                size: bytes.len(),
+                limit: MAX_EVENT_BYTES,
+            });
         }
-        let envelope = Envelope::decode(bytes).map_err(|e| InvalidEvent::Undecodable(e.to_string()))?;
+        let envelope =
+            Envelope::decode(bytes).map_err(|e| InvalidEvent::Undecodable(e.to_string()))?;
         Self::from_envelope(envelope, subject_type, subject_release)
     }
 
@@ -232,10 +258,15 @@ impl Event {
         subject_type: Option<EventType>,
         subject_release: Option<&str>,
     ) -> Result<Event, InvalidEvent> {
-        let payload = envelope.payload.as_ref().ok_or(InvalidEvent::UnknownPayload)?;
+        let payload = envelope
+            .payload
+            .as_ref()
+            .ok_or(InvalidEvent::UnknownPayload)?;
         let event_type = EventType::of(payload);
-        uuid::Uuid::parse_str(&envelope.id).map_err(|_| InvalidEvent::BadId(envelope.id.clone()))?;
-        let release_id = ReleaseId::parse(&envelope.release_id).map_err(InvalidEvent::BadReleaseId)?;
+        uuid::Uuid::parse_str(&envelope.id)
+            .map_err(|_| InvalidEvent::BadId(envelope.id.clone()))?;
+        let release_id =
+            ReleaseId::parse(&envelope.release_id).map_err(InvalidEvent::BadReleaseId)?;
         if envelope.time.is_none() {
             return Err(InvalidEvent::NoTime);
         }
@@ -244,7 +275,10 @@ impl Event {
         }
         if let Some(subject) = subject_type {
             if subject != event_type {
-                return Err(InvalidEvent::TypeMismatch { subject, payload: event_type });
+                return Err(InvalidEvent::TypeMismatch {
+                    subject,
+                    payload: event_type,
+                });
             }
         }
         if let Some(subject) = subject_release {
@@ -256,12 +290,18 @@ impl Event {
             }
         }
         crate::validate::payload(payload).map_err(InvalidEvent::InvalidPayload)?;
-        Ok(Event { envelope, event_type, release_id })
+        Ok(Event {
+            envelope,
+            event_type,
+            release_id,
+        })
     }
 }
 
 pub fn timestamp_ms(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos / 1_000_000))
+    ts.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.nanos / 1_000_000))
 }
 
 #[cfg(test)]

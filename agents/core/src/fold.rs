@@ -32,7 +32,10 @@ pub enum Status {
 
 impl Status {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed | Status::RolledBack)
+        matches!(
+            self,
+            Status::Succeeded | Status::Failed | Status::RolledBack
+        )
     }
 
     /// A stable word for output and metrics labels.
@@ -141,7 +144,9 @@ impl ReleaseState {
         self.release_id = Some(event.release_id);
         self.events += 1;
         let time = event.envelope.time.as_ref().map(timestamp_ms);
-        let Some(payload) = event.payload() else { return };
+        let Some(payload) = event.payload() else {
+            return;
+        };
         match payload {
             Payload::ReleaseRequested(r) => {
                 self.spec = r.spec.clone();
@@ -213,7 +218,9 @@ impl ReleaseState {
                 self.fail(EventType::RollbackFailed, None, &r.reason);
             }
             Payload::ReleaseSucceeded(_) => self.end(EventType::ReleaseSucceeded, time, None),
-            Payload::ReleaseRolledBack(r) => self.end(EventType::ReleaseRolledBack, time, Some(&r.reason)),
+            Payload::ReleaseRolledBack(r) => {
+                self.end(EventType::ReleaseRolledBack, time, Some(&r.reason))
+            }
             Payload::ReleaseFailed(r) => self.end(EventType::ReleaseFailed, time, Some(&r.reason)),
         }
     }
@@ -227,7 +234,11 @@ impl ReleaseState {
 
     fn fail(&mut self, stage: EventType, step: Option<u32>, reason: &str) {
         if self.failure.is_none() {
-            self.failure = Some(Failure { stage, step, reason: reason.to_owned() });
+            self.failure = Some(Failure {
+                stage,
+                step,
+                reason: reason.to_owned(),
+            });
         }
     }
 
@@ -272,7 +283,11 @@ impl ReleaseState {
             let analysing = self.analyses_started.contains(&step)
                 && !self.analyses_passed.contains(&step)
                 && !self.analyses_failed.contains(&step);
-            return if analysing { Status::Analysing { step } } else { Status::Deploying { step } };
+            return if analysing {
+                Status::Analysing { step }
+            } else {
+                Status::Deploying { step }
+            };
         }
         if self.queued_behind.is_some() {
             return Status::Queued;
@@ -286,7 +301,12 @@ impl ReleaseState {
     /// How long the release took, from request to end (or `now_ms` while it runs).
     pub fn duration_ms(&self, now_ms: i64) -> Option<i64> {
         let start = self.requested_at_ms?;
-        Some(self.ended_at_ms.unwrap_or(now_ms).saturating_sub(start).max(0))
+        Some(
+            self.ended_at_ms
+                .unwrap_or(now_ms)
+                .saturating_sub(start)
+                .max(0),
+        )
     }
 }
 

@@ -14,11 +14,18 @@ fn ev(rid: ReleaseId, n: u32, payload: Payload) -> Event {
         rid,
         EventKey::Named(&n.to_string()),
         payload,
-        Source { agent: "test".into(), cluster: "c".into(), instance: "i".into() },
+        Source {
+            agent: "test".into(),
+            cluster: "c".into(),
+            instance: "i".into(),
+        },
         "alice",
         "",
     );
-    e.envelope.time = Some(prost_types::Timestamp { seconds: 1_000 + i64::from(n), nanos: 0 });
+    e.envelope.time = Some(prost_types::Timestamp {
+        seconds: 1_000 + i64::from(n),
+        nanos: 0,
+    });
     e
 }
 
@@ -41,10 +48,15 @@ mod p {
         Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec()) })
     }
     pub fn queued(behind: ReleaseId) -> Payload {
-        Payload::ReleaseQueued(ReleaseQueued { blocking_release_id: behind.to_string() })
+        Payload::ReleaseQueued(ReleaseQueued {
+            blocking_release_id: behind.to_string(),
+        })
     }
     pub fn build_started() -> Payload {
-        Payload::BuildStarted(BuildStarted { image: "web:v2".into(), backend: "resolve".into() })
+        Payload::BuildStarted(BuildStarted {
+            image: "web:v2".into(),
+            backend: "resolve".into(),
+        })
     }
     pub fn build_ok() -> Payload {
         Payload::BuildSucceeded(BuildSucceeded {
@@ -54,7 +66,10 @@ mod p {
         })
     }
     pub fn build_failed() -> Payload {
-        Payload::BuildFailed(BuildFailed { reason: "image not found".into(), log_object: String::new() })
+        Payload::BuildFailed(BuildFailed {
+            reason: "image not found".into(),
+            log_object: String::new(),
+        })
     }
     pub fn deploy_started() -> Payload {
         Payload::DeployStarted(DeployStarted {
@@ -69,16 +84,30 @@ mod p {
         Payload::DeployStepStarted(DeployStepStarted { step, weight })
     }
     pub fn ready(step: u32, weight: u32) -> Payload {
-        Payload::DeployStepReady(DeployStepReady { step, weight, pods: vec![] })
+        Payload::DeployStepReady(DeployStepReady {
+            step,
+            weight,
+            pods: vec![],
+        })
     }
     pub fn analysis(step: u32) -> Payload {
-        Payload::AnalysisStarted(AnalysisStarted { step, checks: vec!["http".into()] })
+        Payload::AnalysisStarted(AnalysisStarted {
+            step,
+            checks: vec!["http".into()],
+        })
     }
     pub fn passed(step: u32) -> Payload {
-        Payload::AnalysisPassed(AnalysisPassed { step, measurements: vec![] })
+        Payload::AnalysisPassed(AnalysisPassed {
+            step,
+            measurements: vec![],
+        })
     }
     pub fn analysis_failed(step: u32) -> Payload {
-        Payload::AnalysisFailed(AnalysisFailed { step, measurements: vec![], reason: "http 500".into() })
+        Payload::AnalysisFailed(AnalysisFailed {
+            step,
+            measurements: vec![],
+            reason: "http 500".into(),
+        })
     }
     pub fn deploy_failed(step: u32) -> Payload {
         Payload::DeployFailed(DeployFailed {
@@ -89,16 +118,24 @@ mod p {
         })
     }
     pub fn paused(step: u32) -> Payload {
-        Payload::ReleasePaused(ReleasePaused { step, reason: "asked".into() })
+        Payload::ReleasePaused(ReleasePaused {
+            step,
+            reason: "asked".into(),
+        })
     }
     pub fn resumed(step: u32) -> Payload {
         Payload::ReleaseResumed(ReleaseResumed { step })
     }
     pub fn completed() -> Payload {
-        Payload::DeployCompleted(DeployCompleted { revision: "4".into(), image_ref: "web@sha256:00".into() })
+        Payload::DeployCompleted(DeployCompleted {
+            revision: "4".into(),
+            image_ref: "web@sha256:00".into(),
+        })
     }
     pub fn succeeded() -> Payload {
-        Payload::ReleaseSucceeded(ReleaseSucceeded { image_ref: "web@sha256:00".into() })
+        Payload::ReleaseSucceeded(ReleaseSucceeded {
+            image_ref: "web@sha256:00".into(),
+        })
     }
     pub fn rollback_requested() -> Payload {
         Payload::RollbackRequested(RollbackRequested {
@@ -109,28 +146,44 @@ mod p {
         })
     }
     pub fn rollback_started() -> Payload {
-        Payload::RollbackStarted(RollbackStarted { reason: "analysis failed".into(), ..Default::default() })
+        Payload::RollbackStarted(RollbackStarted {
+            reason: "analysis failed".into(),
+            ..Default::default()
+        })
     }
     pub fn rollback_done() -> Payload {
-        Payload::RollbackCompleted(RollbackCompleted { restored_revision: "5".into(), restored_image: "x".into() })
+        Payload::RollbackCompleted(RollbackCompleted {
+            restored_revision: "5".into(),
+            restored_image: "x".into(),
+        })
     }
     pub fn rollback_failed() -> Payload {
-        Payload::RollbackFailed(RollbackFailed { reason: "no previous revision".into() })
+        Payload::RollbackFailed(RollbackFailed {
+            reason: "no previous revision".into(),
+        })
     }
     pub fn rolled_back() -> Payload {
-        Payload::ReleaseRolledBack(ReleaseRolledBack { reason: "analysis failed".into() })
+        Payload::ReleaseRolledBack(ReleaseRolledBack {
+            reason: "analysis failed".into(),
+        })
     }
     pub fn failed() -> Payload {
-        Payload::ReleaseFailed(ReleaseFailed { reason: "build failed".into() })
+        Payload::ReleaseFailed(ReleaseFailed {
+            reason: "build failed".into(),
+        })
     }
     pub fn abort() -> Payload {
-        Payload::ReleaseAbortRequested(ReleaseAbortRequested { reason: "stop".into() })
+        Payload::ReleaseAbortRequested(ReleaseAbortRequested {
+            reason: "stop".into(),
+        })
     }
     pub fn promote(full: bool) -> Payload {
         Payload::ReleasePromoteRequested(ReleasePromoteRequested { full })
     }
     pub fn pause_req() -> Payload {
-        Payload::ReleasePauseRequested(ReleasePauseRequested { reason: String::new() })
+        Payload::ReleasePauseRequested(ReleasePauseRequested {
+            reason: String::new(),
+        })
     }
     pub fn resume_req() -> Payload {
         Payload::ReleaseResumeRequested(ReleaseResumeRequested {})
@@ -138,7 +191,11 @@ mod p {
 }
 
 fn history(rid: ReleaseId, payloads: Vec<Payload>) -> Vec<Event> {
-    payloads.into_iter().enumerate().map(|(i, p)| ev(rid, i as u32, p)).collect()
+    payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| ev(rid, i as u32, p))
+        .collect()
 }
 
 /// (name, history, expected status). Each row extends a realistic release.
@@ -154,33 +211,91 @@ fn table(rid: ReleaseId) -> Vec<(&'static str, Vec<Payload>, Status)> {
     vec![
         ("nothing yet", vec![], Status::Pending),
         ("requested", vec![requested()], Status::Pending),
-        ("queued behind another release", vec![requested(), queued(other)], Status::Queued),
-        ("queued while its build ran", vec![requested(), build_started(), build_ok(), queued(other)], Status::Queued),
-        ("building", vec![requested(), build_started()], Status::Building),
-        ("built, waiting for the deployer", vec![requested(), build_started(), build_ok()], Status::Building),
-        ("queue left when the deploy starts", with(vec![queued(other)], base()), Status::Deploying { step: 0 }),
+        (
+            "queued behind another release",
+            vec![requested(), queued(other)],
+            Status::Queued,
+        ),
+        (
+            "queued while its build ran",
+            vec![requested(), build_started(), build_ok(), queued(other)],
+            Status::Queued,
+        ),
+        (
+            "building",
+            vec![requested(), build_started()],
+            Status::Building,
+        ),
+        (
+            "built, waiting for the deployer",
+            vec![requested(), build_started(), build_ok()],
+            Status::Building,
+        ),
+        (
+            "queue left when the deploy starts",
+            with(vec![queued(other)], base()),
+            Status::Deploying { step: 0 },
+        ),
         ("deploy started", base(), Status::Deploying { step: 0 }),
-        ("step 0 rolling out", with(base(), vec![step(0, 100)]), Status::Deploying { step: 0 }),
-        ("step 0 ready", with(base(), vec![step(0, 100), ready(0, 100)]), Status::Deploying { step: 0 }),
-        ("step 0 analysing", with(base(), vec![step(0, 10), ready(0, 10), analysis(0)]), Status::Analysing { step: 0 }),
+        (
+            "step 0 rolling out",
+            with(base(), vec![step(0, 100)]),
+            Status::Deploying { step: 0 },
+        ),
+        (
+            "step 0 ready",
+            with(base(), vec![step(0, 100), ready(0, 100)]),
+            Status::Deploying { step: 0 },
+        ),
+        (
+            "step 0 analysing",
+            with(base(), vec![step(0, 10), ready(0, 10), analysis(0)]),
+            Status::Analysing { step: 0 },
+        ),
         (
             "step 0 passed",
-            with(base(), vec![step(0, 10), ready(0, 10), analysis(0), passed(0)]),
+            with(
+                base(),
+                vec![step(0, 10), ready(0, 10), analysis(0), passed(0)],
+            ),
             Status::Deploying { step: 0 },
         ),
         (
             "step 1 analysing",
-            with(base(), vec![step(0, 10), ready(0, 10), analysis(0), passed(0), step(1, 25), ready(1, 25), analysis(1)]),
+            with(
+                base(),
+                vec![
+                    step(0, 10),
+                    ready(0, 10),
+                    analysis(0),
+                    passed(0),
+                    step(1, 25),
+                    ready(1, 25),
+                    analysis(1),
+                ],
+            ),
             Status::Analysing { step: 1 },
         ),
         (
             "paused after step 1",
-            with(base(), vec![step(0, 10), passed(0), step(1, 25), pause_req(), paused(1)]),
+            with(
+                base(),
+                vec![step(0, 10), passed(0), step(1, 25), pause_req(), paused(1)],
+            ),
             Status::Paused { step: 1 },
         ),
         (
             "paused and resumed",
-            with(base(), vec![step(0, 10), step(1, 25), paused(1), resume_req(), resumed(1)]),
+            with(
+                base(),
+                vec![
+                    step(0, 10),
+                    step(1, 25),
+                    paused(1),
+                    resume_req(),
+                    resumed(1),
+                ],
+            ),
             Status::Deploying { step: 1 },
         ),
         (
@@ -195,40 +310,122 @@ fn table(rid: ReleaseId) -> Vec<(&'static str, Vec<Payload>, Status)> {
         ),
         (
             "succeeded",
-            with(base(), vec![step(0, 100), ready(0, 100), analysis(0), passed(0), completed(), succeeded()]),
+            with(
+                base(),
+                vec![
+                    step(0, 100),
+                    ready(0, 100),
+                    analysis(0),
+                    passed(0),
+                    completed(),
+                    succeeded(),
+                ],
+            ),
             Status::Succeeded,
         ),
-        ("deploy failed, rollback not begun", with(base(), vec![step(0, 100), deploy_failed(0)]), Status::Deploying { step: 0 }),
+        (
+            "deploy failed, rollback not begun",
+            with(base(), vec![step(0, 100), deploy_failed(0)]),
+            Status::Deploying { step: 0 },
+        ),
         (
             "analysis failed, rolling back",
-            with(base(), vec![step(0, 100), ready(0, 100), analysis(0), analysis_failed(0), rollback_started()]),
+            with(
+                base(),
+                vec![
+                    step(0, 100),
+                    ready(0, 100),
+                    analysis(0),
+                    analysis_failed(0),
+                    rollback_started(),
+                ],
+            ),
             Status::RollingBack,
         ),
         (
             "rollback completed, not yet ended",
-            with(base(), vec![step(0, 100), deploy_failed(0), rollback_started(), rollback_done()]),
+            with(
+                base(),
+                vec![
+                    step(0, 100),
+                    deploy_failed(0),
+                    rollback_started(),
+                    rollback_done(),
+                ],
+            ),
             Status::RollingBack,
         ),
         (
             "rolled back",
-            with(base(), vec![step(0, 100), deploy_failed(0), rollback_started(), rollback_done(), rolled_back()]),
+            with(
+                base(),
+                vec![
+                    step(0, 100),
+                    deploy_failed(0),
+                    rollback_started(),
+                    rollback_done(),
+                    rolled_back(),
+                ],
+            ),
             Status::RolledBack,
         ),
-        ("build failed", vec![requested(), build_started(), build_failed()], Status::Building),
-        ("build failed, release failed", vec![requested(), build_started(), build_failed(), failed()], Status::Failed),
+        (
+            "build failed",
+            vec![requested(), build_started(), build_failed()],
+            Status::Building,
+        ),
+        (
+            "build failed, release failed",
+            vec![requested(), build_started(), build_failed(), failed()],
+            Status::Failed,
+        ),
         (
             "rollback failed",
-            with(base(), vec![step(0, 100), deploy_failed(0), rollback_started(), rollback_failed()]),
+            with(
+                base(),
+                vec![
+                    step(0, 100),
+                    deploy_failed(0),
+                    rollback_started(),
+                    rollback_failed(),
+                ],
+            ),
             Status::RollingBack,
         ),
         (
             "rollback failed, release failed",
-            with(base(), vec![step(0, 100), deploy_failed(0), rollback_started(), rollback_failed(), failed()]),
+            with(
+                base(),
+                vec![
+                    step(0, 100),
+                    deploy_failed(0),
+                    rollback_started(),
+                    rollback_failed(),
+                    failed(),
+                ],
+            ),
             Status::Failed,
         ),
-        ("manual rollback requested", vec![rollback_requested()], Status::Pending),
-        ("manual rollback running", vec![rollback_requested(), rollback_started()], Status::RollingBack),
-        ("manual rollback done", vec![rollback_requested(), rollback_started(), rollback_done(), rolled_back()], Status::RolledBack),
+        (
+            "manual rollback requested",
+            vec![rollback_requested()],
+            Status::Pending,
+        ),
+        (
+            "manual rollback running",
+            vec![rollback_requested(), rollback_started()],
+            Status::RollingBack,
+        ),
+        (
+            "manual rollback done",
+            vec![
+                rollback_requested(),
+                rollback_started(),
+                rollback_done(),
+                rolled_back(),
+            ],
+            Status::RolledBack,
+        ),
     ]
 }
 
@@ -246,8 +443,16 @@ fn the_table_covers_every_status() {
     let rid = ReleaseId::generate();
     let covered: HashSet<&str> = table(rid).into_iter().map(|(_, _, s)| s.name()).collect();
     let all = [
-        "pending", "queued", "building", "deploying", "analysing", "paused", "rolling_back", "succeeded",
-        "failed", "rolled_back",
+        "pending",
+        "queued",
+        "building",
+        "deploying",
+        "analysing",
+        "paused",
+        "rolling_back",
+        "succeeded",
+        "failed",
+        "rolled_back",
     ];
     for s in all {
         assert!(covered.contains(s), "no row ends in {s}");
@@ -294,7 +499,15 @@ fn out_of_order_events_give_the_same_status() {
 #[test]
 fn the_first_terminal_event_wins() {
     let rid = ReleaseId::generate();
-    let events = history(rid, vec![p::requested(), p::succeeded(), p::failed(), p::rolled_back()]);
+    let events = history(
+        rid,
+        vec![
+            p::requested(),
+            p::succeeded(),
+            p::failed(),
+            p::rolled_back(),
+        ],
+    );
     let state = fold(&events);
     assert_eq!(state.status(), Status::Succeeded);
     assert_eq!(state.ended_at_ms, Some(1_001_000));
@@ -341,7 +554,10 @@ fn facts_and_times_are_kept() {
     assert_eq!(s.current_weight(), Some(10));
     assert!(s.cluster_changed);
     let failure = s.failure.clone().unwrap();
-    assert_eq!((failure.stage, failure.step, failure.reason.as_str()), (EventType::AnalysisFailed, Some(0), "http 500"));
+    assert_eq!(
+        (failure.stage, failure.step, failure.reason.as_str()),
+        (EventType::AnalysisFailed, Some(0), "http 500")
+    );
     assert_eq!(s.requested_at_ms, Some(1_000_000));
     assert_eq!(s.started_at_ms, Some(1_001_000));
     assert_eq!(s.ended_at_ms, Some(1_010_000));

@@ -44,9 +44,18 @@ mod tests {
     fn retries_of_one_logical_event_share_an_id() {
         let r = ReleaseId::generate();
         let t = EventType::DeployStepStarted;
-        assert_eq!(event_id(r, t, EventKey::Step(2)), event_id(r, t, EventKey::Step(2)));
-        assert_eq!(event_id(r, t, EventKey::Once), event_id(r, t, EventKey::Once));
-        assert_eq!(event_id(r, t, EventKey::Named("x")), event_id(r, t, EventKey::Named("x")));
+        assert_eq!(
+            event_id(r, t, EventKey::Step(2)),
+            event_id(r, t, EventKey::Step(2))
+        );
+        assert_eq!(
+            event_id(r, t, EventKey::Once),
+            event_id(r, t, EventKey::Once)
+        );
+        assert_eq!(
+            event_id(r, t, EventKey::Named("x")),
+            event_id(r, t, EventKey::Named("x"))
+        );
     }
 
     #[test]

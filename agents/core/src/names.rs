@@ -30,16 +30,25 @@ pub fn validate_dns_label(what: &'static str, value: &str) -> Result<(), NameErr
         return Err(NameError::Empty { what });
     }
     if value.len() > 63 {
-        return Err(NameError::TooLong { what, value: value.to_owned() });
+        return Err(NameError::TooLong {
+            what,
+            value: value.to_owned(),
+        });
     }
     let bytes = value.as_bytes();
-    let ok_inner = bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    let ok_inner = bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
     let ok_first = bytes[0].is_ascii_lowercase();
-    let ok_last = bytes[bytes.len() - 1].is_ascii_lowercase() || bytes[bytes.len() - 1].is_ascii_digit();
+    let ok_last =
+        bytes[bytes.len() - 1].is_ascii_lowercase() || bytes[bytes.len() - 1].is_ascii_digit();
     if ok_inner && ok_first && ok_last {
         Ok(())
     } else {
-        Err(NameError::NotDnsLabel { what, value: value.to_owned() })
+        Err(NameError::NotDnsLabel {
+            what,
+            value: value.to_owned(),
+        })
     }
 }
 
@@ -97,10 +106,14 @@ impl ReleaseId {
     }
 
     pub fn parse(value: &str) -> Result<Self, NameError> {
-        let uuid = Uuid::parse_str(value).map_err(|_| NameError::NotUuid { value: value.to_owned() })?;
+        let uuid = Uuid::parse_str(value).map_err(|_| NameError::NotUuid {
+            value: value.to_owned(),
+        })?;
         // Only the canonical form: subjects are compared byte for byte.
         if uuid.get_version_num() != 7 || uuid.hyphenated().to_string() != value {
-            return Err(NameError::NotUuidV7 { value: value.to_owned() });
+            return Err(NameError::NotUuidV7 {
+                value: value.to_owned(),
+            });
         }
         Ok(Self(uuid))
     }
@@ -158,7 +171,10 @@ mod tests {
     #[test]
     fn errors_name_the_field_and_value() {
         let err = EnvName::new("Prod").unwrap_err().to_string();
-        assert!(err.contains("environment name") && err.contains("\"Prod\""), "{err}");
+        assert!(
+            err.contains("environment name") && err.contains("\"Prod\""),
+            "{err}"
+        );
     }
 
     #[test]

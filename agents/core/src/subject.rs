@@ -26,12 +26,20 @@ pub enum SubjectError {
     #[error("subject {subject:?}: {source}")]
     BadName { subject: String, source: NameError },
     #[error("subject {subject:?}: {source}")]
-    UnknownType { subject: String, source: UnknownEventType },
+    UnknownType {
+        subject: String,
+        source: UnknownEventType,
+    },
 }
 
 impl EventSubject {
     pub fn new(env: EnvName, app: AppName, release_id: ReleaseId, event_type: EventType) -> Self {
-        Self { env, app, release_id, event_type }
+        Self {
+            env,
+            app,
+            release_id,
+            event_type,
+        }
     }
 
     /// Parses a subject string; every token is validated.
@@ -46,21 +54,31 @@ impl EventSubject {
         else {
             return Err(SubjectError::NotAnEventSubject(subject.to_owned()));
         };
-        let bad = |source| SubjectError::BadName { subject: subject.to_owned(), source };
+        let bad = |source| SubjectError::BadName {
+            subject: subject.to_owned(),
+            source,
+        };
         Ok(Self {
             env: EnvName::new(env).map_err(bad)?,
             app: AppName::new(app).map_err(bad)?,
             release_id: ReleaseId::parse(release).map_err(bad)?,
             event_type: event_type
                 .parse()
-                .map_err(|source| SubjectError::UnknownType { subject: subject.to_owned(), source })?,
+                .map_err(|source| SubjectError::UnknownType {
+                    subject: subject.to_owned(),
+                    source,
+                })?,
         })
     }
 }
 
 impl fmt::Display for EventSubject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{EVENTS_PREFIX}.{}.{}.{}.{}", self.env, self.app, self.release_id, self.event_type)
+        write!(
+            f,
+            "{EVENTS_PREFIX}.{}.{}.{}.{}",
+            self.env, self.app, self.release_id, self.event_type
+        )
     }
 }
 
@@ -122,10 +140,22 @@ mod tests {
         let rid = s.release_id;
         let cases = [
             ("baton.v1.dlq.builder".to_string(), "not under"),
-            (format!("baton.v1.events.Staging.web.{rid}.build.started"), "environment name"),
-            (format!("baton.v1.events.staging.web_1.{rid}.build.started"), "app name"),
-            ("baton.v1.events.staging.web.1234.build.started".to_string(), "not a UUID"),
-            (format!("baton.v1.events.staging.web.{rid}.build.exploded"), "unknown event type"),
+            (
+                format!("baton.v1.events.Staging.web.{rid}.build.started"),
+                "environment name",
+            ),
+            (
+                format!("baton.v1.events.staging.web_1.{rid}.build.started"),
+                "app name",
+            ),
+            (
+                "baton.v1.events.staging.web.1234.build.started".to_string(),
+                "not a UUID",
+            ),
+            (
+                format!("baton.v1.events.staging.web.{rid}.build.exploded"),
+                "unknown event type",
+            ),
             (format!("baton.v1.events.staging.web.{rid}"), "not under"),
         ];
         for (subject, why) in cases {
@@ -137,7 +167,10 @@ mod tests {
     #[test]
     fn filters_match_the_contract() {
         let rid = ReleaseId::generate();
-        assert_eq!(events_of_type(EventType::ReleaseRequested), "baton.v1.events.*.*.*.release.requested");
+        assert_eq!(
+            events_of_type(EventType::ReleaseRequested),
+            "baton.v1.events.*.*.*.release.requested"
+        );
         assert_eq!(release_events(rid), format!("baton.v1.events.*.*.{rid}.>"));
         assert_eq!(dlq(Role::HealthChecker), "baton.v1.dlq.health-checker");
     }

@@ -21,15 +21,18 @@ pub fn payload(payload: &Payload) -> Result<(), String> {
             validate_dns_label("app name", &r.app).map_err(|e| format!("app: {e}"))?;
             validate_dns_label("environment name", &r.env).map_err(|e| format!("env: {e}"))?;
             if !r.namespace.is_empty() {
-                validate_dns_label("namespace", &r.namespace).map_err(|e| format!("namespace: {e}"))?;
+                validate_dns_label("namespace", &r.namespace)
+                    .map_err(|e| format!("namespace: {e}"))?;
             }
             if !r.target_release_id.is_empty() {
-                ReleaseId::parse(&r.target_release_id).map_err(|e| format!("target_release_id: {e}"))?;
+                ReleaseId::parse(&r.target_release_id)
+                    .map_err(|e| format!("target_release_id: {e}"))?;
             }
             text("reason", &r.reason)
         }
         Payload::ReleaseQueued(q) => {
-            ReleaseId::parse(&q.blocking_release_id).map_err(|e| format!("blocking_release_id: {e}"))?;
+            ReleaseId::parse(&q.blocking_release_id)
+                .map_err(|e| format!("blocking_release_id: {e}"))?;
             Ok(())
         }
         Payload::BuildSucceeded(b) => {
@@ -50,10 +53,12 @@ pub fn release_spec(spec: &ReleaseSpec) -> Result<(), String> {
     validate_dns_label("environment name", &spec.env).map_err(|e| format!("spec.env: {e}"))?;
     validate_dns_label("namespace", &spec.namespace).map_err(|e| format!("spec.namespace: {e}"))?;
     if !spec.cluster.is_empty() {
-        validate_dns_label("cluster name", &spec.cluster).map_err(|e| format!("spec.cluster: {e}"))?;
+        validate_dns_label("cluster name", &spec.cluster)
+            .map_err(|e| format!("spec.cluster: {e}"))?;
     }
     if !spec.container.is_empty() {
-        validate_dns_label("container name", &spec.container).map_err(|e| format!("spec.container: {e}"))?;
+        validate_dns_label("container name", &spec.container)
+            .map_err(|e| format!("spec.container: {e}"))?;
     }
     image_reference(&spec.image).map_err(|e| format!("spec.image: {e}"))?;
     if Strategy::try_from(spec.strategy).is_err() {
@@ -91,7 +96,8 @@ pub fn release_spec(spec: &ReleaseSpec) -> Result<(), String> {
     }
     text("spec.commit", &spec.commit)?;
     if !spec.ingress.is_empty() {
-        validate_dns_label("ingress name", &spec.ingress).map_err(|e| format!("spec.ingress: {e}"))?;
+        validate_dns_label("ingress name", &spec.ingress)
+            .map_err(|e| format!("spec.ingress: {e}"))?;
     }
     Ok(())
 }
@@ -103,7 +109,10 @@ fn check(c: &Check) -> Result<(), String> {
         Some(check::Kind::Http(h)) => {
             path(&h.path)?;
             if h.expect_status != 0 && !(100..=599).contains(&h.expect_status) {
-                return Err(format!("expect_status {} is not an HTTP status", h.expect_status));
+                return Err(format!(
+                    "expect_status {} is not an HTTP status",
+                    h.expect_status
+                ));
             }
             text("body_contains", &h.body_contains)
         }
@@ -113,7 +122,10 @@ fn check(c: &Check) -> Result<(), String> {
                 return Err(format!("percentile {} is not in (0, 100]", l.percentile));
             }
             if !(0.0..=1.0).contains(&l.max_error_rate) {
-                return Err(format!("max_error_rate {} is not in [0, 1]", l.max_error_rate));
+                return Err(format!(
+                    "max_error_rate {} is not in [0, 1]",
+                    l.max_error_rate
+                ));
             }
             Ok(())
         }
@@ -148,7 +160,10 @@ fn text(field: &str, value: &str) -> Result<(), String> {
     if value.len() > MAX_TEXT {
         return Err(format!("{field} is longer than {MAX_TEXT} bytes"));
     }
-    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(format!("{field} contains control characters"));
     }
     Ok(())
@@ -167,21 +182,34 @@ pub fn image_reference(image: &str) -> Result<(), String> {
         None => (image, None),
     };
     if let Some(d) = digest {
-        let hex = d.strip_prefix("sha256:").ok_or_else(|| format!("digest {d:?} is not sha256:<hex>"))?;
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(format!("digest {d:?} is not sha256 followed by 64 lowercase hex digits"));
+        let hex = d
+            .strip_prefix("sha256:")
+            .ok_or_else(|| format!("digest {d:?} is not sha256:<hex>"))?;
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "digest {d:?} is not sha256 followed by 64 lowercase hex digits"
+            ));
         }
     }
     // A tag is after the last ':' that follows the last '/'.
     let last_slash = name_tag.rfind('/').map(|i| i + 1).unwrap_or(0);
     let (name, tag) = match name_tag[last_slash..].rfind(':') {
-        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+        Some(i) => (
+            &name_tag[..last_slash + i],
+            Some(&name_tag[last_slash + i + 1..]),
+        ),
         None => (name_tag, None),
     };
     if let Some(tag) = tag {
         let ok = !tag.is_empty()
             && tag.len() <= 128
-            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
             && !tag.starts_with(['.', '-']);
         if !ok {
             return Err(format!("tag {tag:?} is not a valid image tag"));
@@ -190,17 +218,26 @@ pub fn image_reference(image: &str) -> Result<(), String> {
     let mut parts = name.split('/').peekable();
     let mut first = true;
     while let Some(part) = parts.next() {
-        let is_host = first && parts.peek().is_some() && (part.contains('.') || part.contains(':') || part == "localhost");
+        let is_host = first
+            && parts.peek().is_some()
+            && (part.contains('.') || part.contains(':') || part == "localhost");
         first = false;
         let ok = if is_host {
-            !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
         } else {
             !part.is_empty()
-                && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
                 && part.as_bytes()[0].is_ascii_alphanumeric()
         };
         if !ok {
-            return Err(format!("{part:?} in {image:?} is not a valid repository name component"));
+            return Err(format!(
+                "{part:?} in {image:?} is not a valid repository name component"
+            ));
         }
     }
     Ok(())

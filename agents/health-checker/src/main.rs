@@ -1,2 +1,18 @@
-//! Baton's health-checker agent
-fn main() {}
+use std::process::ExitCode;
+
+use baton_health_checker::Args;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    baton_core::telemetry::init(args.agent.log_format);
+    match args.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "baton-health-checker failed");
+            eprintln!("baton-health-checker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

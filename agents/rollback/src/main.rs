@@ -1,2 +1,18 @@
-//! Baton's rollback agent
-fn main() {}
+use std::process::ExitCode;
+
+use baton_rollback::Args;
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    baton_core::telemetry::init(args.agent.log_format);
+    match args.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "baton-rollback failed");
+            eprintln!("baton-rollback: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The connection to NATS and the JetStream operations every part of Baton shares: publishing an
+//! event exactly once, and reading a release's whole history.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, message::PublishMessage};
+use async_nats::{ConnectOptions, HeaderMap};
+use futures::StreamExt;
+use tokio::sync::broadcast;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, Role};
+use crate::names::ReleaseId;
+use crate::subject::{self, EventSubject};
+
+pub use baton_proto::v1::Source;
+
+pub const EVENTS_STREAM: &str = "BATON_EVENTS";
+pub const DLQ_STREAM: &str = "BATON_DLQ";
+pub const LOCKS_BUCKET: &str = "BATON_LOCKS";
+pub const CONFIG_BUCKET: &str = "BATON_CONFIG";
+pub const LOGS_BUCKET: &str = "BATON_LOGS";
+
+/// The NATS users of `bus-config/nats-server.conf`: the administrator (who applies the bus), the
+/// CLI, and one per agent.
+pub const NATS_USERS: [&str; 7] = [
+    "admin",
+    "cli",
+    "builder",
+    "deployer",
+    "health-checker",
+    "rollback",
+    "metrics",
+];
+
+/// How often the client pings the server: a dead broker is noticed within a few of these.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Standard NATS connection options, by flag or environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated
+    #[arg(
+        long = "nats-url",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub url: String,
+    /// A folder of Baton credentials (`<user>.nk` nkey seeds); the file of this program's user is used
+    #[arg(long = "credentials", env = "BATON_CREDENTIALS")]
+    pub credentials_dir: Option<PathBuf>,
+    /// An nkey seed file
+    #[arg(long = "nats-nkey", env = "BATON_NATS_NKEY")]
+    pub nkey_file: Option<PathBuf>,
+    /// A NATS credentials file (JWT and seed)
+    #[arg(long = "nats-creds", env = "BATON_NATS_CREDS")]
+    pub creds_file: Option<PathBuf>,
+    /// NATS user name (with --nats-password)
+    #[arg(long = "nats-user", env = "BATON_NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password
+    #[arg(
+        long = "nats-password",
+        env = "BATON_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+    /// A CA certificate (PEM) to verify the server's TLS certificate; turns TLS on
+    #[arg(long = "nats-tls-ca", env = "BATON_NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    pub fn with_url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Connection options for `user` (the credentials folder's `<user>.nk`, unless a specific
+    /// credential was given).
+    pub async fn connect_options(&self, user: &str) -> Result<ConnectOptions> {
+        let mut options = if let Some(path) = &self.creds_file {
+            ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| Error::ReadCredentials {
+                    path: path.clone(),
+                    source,
+                })?
+        } else if let Some(path) = self.nkey_file.clone().or_else(|| {
+            self.credentials_dir
+                .as_ref()
+                .map(|d| d.join(format!("{user}.nk")))
+        }) {
+            let seed = std::fs::read_to_string(&path).map_err(|source| Error::ReadCredentials {
+                path: path.clone(),
+                source,
+            })?;
+            let seed = seed.trim().to_owned();
+            if !seed.starts_with("SU") {
+                return Err(Error::Credentials(format!(
+                    "{} does not hold a user nkey seed",
+                    path.display()
+                )));
+            }
+            ConnectOptions::with_nkey(seed)
+        } else if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        } else if self.user.is_some() || self.password.is_some() {
+            return Err(Error::Credentials(
+                "--nats-user and --nats-password go together".into(),
+            ));
+        } else {
+            ConnectOptions::new()
+        };
+        if let Some(ca) = &self.tls_ca {
+            if !ca.is_file() {
+                return Err(Error::ReadCredentials {
+                    path: ca.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                });
+            }
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// How to behave when the server can't be reached at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialConnect {
+    /// Fail at once with a clear error (the CLI).
+    FailFast,
+    /// Keep trying in the background (daemons, which must come up before or after the broker).
+    Retry,
+}
+
+/// A connection to the bus with JetStream, and a feed of the server's errors (permission
+/// violations arrive asynchronously; publish uses the feed to turn them into clear errors).
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    server_errors: broadcast::Sender<String>,
+    source: Arc<baton_proto::v1::Source>,
+}
+
+impl Bus {
+    pub async fn connect(
+        args: &NatsArgs,
+        user: &str,
+        source: baton_proto::v1::Source,
+        initial: InitialConnect,
+    ) -> Result<Bus> {
+        let (server_errors, _) = broadcast::channel(64);
+        let errors = server_errors.clone();
+        let name = format!("baton-{}", source.agent);
+        let mut options = args
+            .connect_options(user)
+            .await?
+            .name(name)
+            .ping_interval(PING_INTERVAL)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            .max_reconnects(None)
+            // Reconnect quickly: a restarted broker should be picked up in well under a second.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 100).min(2_000))
+            })
+            .event_callback(move |event| {
+                let errors = errors.clone();
+                async move {
+                    match &event {
+                        async_nats::Event::ServerError(e) => {
+                            tracing::warn!(error = %e, "nats server error");
+                            let _ = errors.send(e.to_string());
+                        }
+                        async_nats::Event::Connected => tracing::info!("connected to nats"),
+                        async_nats::Event::Disconnected => tracing::warn!("disconnected from nats"),
+                        other => tracing::info!(event = %other, "nats connection event"),
+                    }
+                }
+            });
+        if initial == InitialConnect::Retry {
+            options = options.retry_on_initial_connect();
+        }
+        let client = options
+            .connect(args.url.as_str())
+            .await
+            .map_err(|source| Error::Connect {
+                url: args.url.clone(),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        Ok(Bus {
+            client,
+            js,
+            server_errors,
+            source: Arc::new(source),
+        })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn source(&self) -> baton_proto::v1::Source {
+        (*self.source).clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes an event on its subject with its id as `Nats-Msg-Id` and waits for the stream's
+    /// acknowledgement. A retry of the same logical event (same id) is stored once. Returns the
+    /// stream sequence and whether the stream had it already.
+    pub async fn publish(&self, subject: &EventSubject, event: &Event) -> Result<(u64, bool)> {
+        let subject = subject.to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert("Baton-Event-Type", event.event_type.as_str());
+        let publish = PublishMessage::build()
+            .payload(event.encode().into())
+            // Headers first: `message_id` adds to them, `headers` would replace them.
+            .headers(headers)
+            .message_id(event.id());
+        self.publish_raw(&subject, publish).await
+    }
+
+    /// Publishes to a stream subject and awaits the ack; a permission violation for the subject is
+    /// reported as [`Error::PermissionDenied`] at once instead of as a time-out.
+    pub async fn publish_raw(&self, subject: &str, publish: PublishMessage) -> Result<(u64, bool)> {
+        let mut errors = self.server_errors.subscribe();
+        let ack = async {
+            let future = self
+                .js
+                .send_publish(subject.to_owned(), publish)
+                .await
+                .map_err(|source| Error::Publish {
+                    subject: subject.to_owned(),
+                    source,
+                })?;
+            future.await.map_err(|source| Error::Publish {
+                subject: subject.to_owned(),
+                source,
+            })
+        };
+        let denied = async {
+            loop {
+                match errors.recv().await {
+                    Ok(e) if is_permission_violation(&e, subject) => return,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, ack) => match r {
+                Ok(Ok(ack)) => Ok((ack.sequence, ack.duplicate)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::PublishTimeout { subject: subject.to_owned(), seconds: PUBLISH_ACK_TIMEOUT.as_secs() }),
+            },
+            () = denied => Err(Error::PermissionDenied { subject: subject.to_owned() }),
+        }
+    }
+
+    /// Every event of a release, in stream order, decoded. Messages that fail to decode are
+    /// skipped with a warning (they were dead-lettered when they arrived).
+    pub async fn release_history(&self, release_id: ReleaseId) -> Result<Vec<Event>> {
+        let err = |message: String| Error::History {
+            release_id: release_id.to_string(),
+            message,
+        };
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject::release_events(release_id),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .num_pending;
+        let mut events = Vec::with_capacity(pending as usize);
+        if pending == 0 {
+            return Ok(events);
+        }
+        let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+        while let Some(message) = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
+            .await
+            .map_err(|_| err("timed out reading the stream".into()))?
+        {
+            let message = message.map_err(|e| err(e.to_string()))?;
+            let left = message.info().map(|i| i.pending).unwrap_or(0);
+            match EventSubject::parse(&message.subject)
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    Event::decode(
+                        &message.payload,
+                        Some(s.event_type),
+                        Some(&s.release_id.to_string()),
+                    )
+                    .map_err(|e| e.to_string())
+                }) {
+                Ok(event) => events.push(event),
+                Err(reason) => {
+                    tracing::warn!(subject = %message.subject, %reason, "skipping an invalid event in history")
+                }
+            }
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// A key-value bucket of the bus (locks, configuration).
+    pub async fn kv(&self, bucket: &str) -> Result<jetstream::kv::Store> {
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| Error::Stream {
+                stream: format!("KV_{bucket}"),
+                message: e.to_string(),
+            })
+    }
+
+    /// The role a user name stands for, for logs.
+    pub fn role(&self) -> Option<Role> {
+        self.source.agent.parse().ok()
+    }
+}
+
+fn is_permission_violation(error: &str, subject: &str) -> bool {
+    let lower = error.to_ascii_lowercase();
+    lower.contains("permissions violation") && error.contains(subject)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_violations_are_matched_to_their_subject() {
+        let e =
+            "nats: Permissions Violation for Publish to \"baton.v1.events.a.b.c.deploy.started\"";
+        assert!(is_permission_violation(
+            e,
+            "baton.v1.events.a.b.c.deploy.started"
+        ));
+        assert!(!is_permission_violation(
+            e,
+            "baton.v1.events.a.b.c.build.started"
+        ));
+        assert!(!is_permission_violation(
+            "nats: authorization violation",
+            "x"
+        ));
+    }
+}

@@ -1,0 +1,294 @@
+//! The agents as real processes: they consume their events, dead-letter bad input with a reason
+//! while they keep consuming, and stop cleanly on SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use async_nats::jetstream::{self, consumer};
+use baton_core::event::{Event, EventType};
+use baton_core::ids::EventKey;
+use baton_core::names::ReleaseId;
+use baton_proto::v1::{envelope::Payload, *};
+use baton_tests::harness::trial;
+use baton_tests::{sample_spec, AgentProcess, BusEnv};
+use futures::StreamExt;
+use libtest_mimic::Trial;
+use prost::Message;
+
+pub fn trials() -> Vec<Trial> {
+    crate::trials![
+        bad_messages_land_in_the_dead_letter_subject_with_a_reason_while_the_agent_keeps_consuming,
+        every_agent_consumes_its_events_and_stops_cleanly_on_sigterm,
+    ]
+}
+
+fn source() -> Source {
+    Source {
+        agent: "cli".into(),
+        cluster: "test".into(),
+        instance: "test".into(),
+    }
+}
+
+/// A dead letter as stored: its reason and where the original came from.
+struct DeadLetter {
+    reason: String,
+    original_subject: String,
+    payload_len: usize,
+}
+
+async fn dead_letters(
+    js: &jetstream::Context,
+    agent: &str,
+    count: usize,
+) -> Result<Vec<DeadLetter>> {
+    let stream = js.get_stream("BATON_DLQ").await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("baton.v1.dlq.{agent}"),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    while out.len() < count {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .with_context(|| format!("only {} of {count} dead letters arrived", out.len()))?
+            .context("dead letter stream ended")??;
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        out.push(DeadLetter {
+            reason: header("Baton-Dlq-Reason"),
+            original_subject: header("Baton-Original-Subject"),
+            payload_len: m.payload.len(),
+        });
+    }
+    Ok(out)
+}
+
+async fn bad_messages_land_in_the_dead_letter_subject_with_a_reason_while_the_agent_keeps_consuming(
+) -> Result<()> {
+    let env = BusEnv::start().await?;
+    let builder = AgentProcess::start(&env, "builder", &[], env.sandbox.dir()).await?;
+    let js = jetstream::new(env.sandbox.nats_client("cli").await?);
+    let rid = ReleaseId::generate();
+    let subject = format!("baton.v1.events.staging.web.{rid}.release.requested");
+    let publish = |payload: Vec<u8>| {
+        let js = js.clone();
+        let subject = subject.clone();
+        async move {
+            js.publish(subject, payload.into())
+                .await?
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+
+    // 1. bytes that are no protobuf at all
+    publish(b"\xff\xff\xff\xff not an event".to_vec()).await?;
+    // 2. an envelope whose payload is a type this version does not know (oneof field 99)
+    let mut unknown = Envelope {
+        id: uuid::Uuid::new_v4().to_string(),
+        release_id: rid.to_string(),
+        time: Some(baton_proto::Timestamp {
+            seconds: 1,
+            nanos: 0,
+        }),
+        source: Some(source()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    unknown.extend_from_slice(&[0x9a, 0x06, 0x00]);
+    publish(unknown).await?;
+    // 3. a valid event of another type on this type's subject
+    let wrong = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::BuildStarted(BuildStarted::default()),
+        source(),
+        "t",
+        "",
+    );
+    publish(wrong.encode()).await?;
+    // 4. a spec whose app is not a DNS label
+    let bad_name = Event::new(
+        rid,
+        EventKey::Named("bad-name"),
+        Payload::ReleaseRequested(ReleaseRequested {
+            spec: Some(sample_spec("staging", "Web_App", "web:v1")),
+        }),
+        source(),
+        "t",
+        "",
+    );
+    publish(bad_name.encode()).await?;
+    // 5. a huge payload (the stream takes it; the agent's limit refuses it)
+    publish(vec![0x0a; 200 * 1024]).await?;
+    // 6. at last, a good one
+    let good = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::ReleaseRequested(ReleaseRequested {
+            spec: Some(sample_spec("staging", "web", "web:v1")),
+        }),
+        source(),
+        "t",
+        "",
+    );
+    publish(good.encode()).await?;
+
+    let letters = dead_letters(&js, "builder", 5).await?;
+    let expected = [
+        "not a protobuf envelope",
+        "unknown event type",
+        "subject says release.requested but payload is build.started",
+        "is not a DNS label",
+        "larger than the limit",
+    ];
+    for (letter, why) in letters.iter().zip(expected) {
+        ensure!(
+            letter.reason.contains(why),
+            "dead letter reason {:?} does not say {why:?}",
+            letter.reason
+        );
+        ensure!(
+            letter.original_subject == subject,
+            "dead letter names {:?}",
+            letter.original_subject
+        );
+        ensure!(
+            letter.payload_len > 0,
+            "dead letter lost the original message"
+        );
+    }
+    ensure!(
+        letters[4].payload_len == 200 * 1024,
+        "the huge original was not kept whole"
+    );
+
+    // The agent went on: the good event after the bad ones was handled and acknowledged.
+    builder
+        .wait_metric(
+            "baton_events_handled_total{consumer=\"builder-release-requested\",outcome=\"ack\"}",
+            1.0,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let dead = builder
+        .metric("baton_events_handled_total{consumer=\"builder-release-requested\",outcome=\"dead_letter\"}")
+        .await?;
+    ensure!(dead == 5.0, "the agent counts {dead} dead letters");
+
+    // A payload over NATS' own limit is refused at publish, never stored.
+    let huge = publish(vec![0u8; 2 * 1024 * 1024]).await;
+    ensure!(huge.is_err(), "a 2 MiB message was accepted");
+    Ok(())
+}
+
+/// One event each agent reacts to.
+fn trigger(agent: &str, rid: ReleaseId) -> (EventType, Payload) {
+    match agent {
+        "builder" => (
+            EventType::ReleaseRequested,
+            Payload::ReleaseRequested(ReleaseRequested {
+                spec: Some(sample_spec("staging", "web", "web:v1")),
+            }),
+        ),
+        "deployer" => (
+            EventType::BuildSucceeded,
+            Payload::BuildSucceeded(BuildSucceeded {
+                image_ref: format!("web@sha256:{}", "a".repeat(64)),
+                digest: format!("sha256:{}", "a".repeat(64)),
+                log_object: String::new(),
+            }),
+        ),
+        "health-checker" => (
+            EventType::DeployStepReady,
+            Payload::DeployStepReady(DeployStepReady {
+                step: 0,
+                weight: 100,
+                pods: vec![],
+            }),
+        ),
+        "rollback" => (
+            EventType::RollbackRequested,
+            Payload::RollbackRequested(RollbackRequested {
+                app: "web".into(),
+                env: "staging".into(),
+                ..Default::default()
+            }),
+        ),
+        _ => {
+            let _ = rid;
+            (
+                EventType::ReleaseRequested,
+                Payload::ReleaseRequested(ReleaseRequested {
+                    spec: Some(sample_spec("staging", "web", "web:v1")),
+                }),
+            )
+        }
+    }
+}
+
+async fn every_agent_consumes_its_events_and_stops_cleanly_on_sigterm() -> Result<()> {
+    let env = BusEnv::start().await?;
+    let mut agents = Vec::new();
+    for name in [
+        "builder",
+        "deployer",
+        "health-checker",
+        "rollback",
+        "metrics",
+    ] {
+        agents.push(AgentProcess::start(&env, name, &[], env.sandbox.dir()).await?);
+    }
+    // Agents may only publish their own events, so the test publishes as the owner of each type.
+    for agent in &agents {
+        let rid = ReleaseId::generate();
+        let (t, payload) = trigger(&agent.name, rid);
+        let owner = env.bus(t.owner().as_str()).await?;
+        let event = Event::new(rid, EventKey::Once, payload, owner.source(), "t", "");
+        let subject =
+            baton_core::subject::EventSubject::new("staging".parse()?, "web".parse()?, rid, t);
+        owner.publish(&subject, &event).await?;
+        let consumer = if agent.name == "metrics" {
+            "metrics-all".to_string()
+        } else {
+            format!("{}-{}", agent.name, t.as_str().replace('.', "-"))
+        };
+        agent
+            .wait_metric(
+                &format!("baton_events_handled_total{{consumer=\"{consumer}\",outcome=\"ack\"}}"),
+                1.0,
+                Duration::from_secs(30),
+            )
+            .await?;
+    }
+    for mut agent in agents {
+        agent.process.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let status = agent
+            .process
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .with_context(|| format!("{} did not stop after SIGTERM", agent.name))?;
+        ensure!(
+            status.success(),
+            "{} exited with {status} after SIGTERM:\n{}",
+            agent.name,
+            agent.process.log_tail(20)
+        );
+        let log = std::fs::read_to_string(agent.process.log_path())?;
+        ensure!(
+            log.contains("stopped"),
+            "{} did not log its shutdown",
+            agent.name
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! Baton's integration tests, against the real servers of the sandbox.
+
+mod agents;
+mod bus;
+mod compose;
+mod sandbox;
+
+use baton_tests::harness::run;
+
+fn main() -> std::process::ExitCode {
+    let mut trials = Vec::new();
+    trials.extend(bus::trials());
+    trials.extend(agents::trials());
+    trials.extend(sandbox::trials());
+    trials.extend(compose::trials());
+    run(trials)
+}
+
+/// `trial("module::name", module::name)` for each test function.
+#[macro_export]
+macro_rules! trials {
+    ($($test:ident),* $(,)?) => {
+        vec![$(trial(concat!(module_path!(), "::", stringify!($test)).trim_start_matches("integration::"), $test)),*]
+    };
+}
