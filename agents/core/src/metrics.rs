@@ -34,12 +34,15 @@ pub mod names {
 }
 
 type Labels = Vec<(String, String)>;
+/// Metric name → (help, series by labels).
+type Family<V> = BTreeMap<&'static str, (&'static str, BTreeMap<Labels, V>)>;
 
 #[derive(Default)]
 struct Inner {
-    counters: BTreeMap<&'static str, (&'static str, BTreeMap<Labels, f64>)>,
-    gauges: BTreeMap<&'static str, (&'static str, BTreeMap<Labels, f64>)>,
-    summaries: BTreeMap<&'static str, (&'static str, BTreeMap<Labels, (f64, u64)>)>,
+    counters: Family<f64>,
+    gauges: Family<f64>,
+    /// (sum of seconds, count)
+    summaries: Family<(f64, u64)>,
 }
 
 /// A cheap, cloneable handle to the agent's metrics.

@@ -348,17 +348,6 @@ pub async fn run_consumers(ctx: AgentContext, defs: Vec<ConsumerDef>, handler: A
     while tasks.join_next().await.is_some() {}
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_values_are_single_lines() {
-        assert_eq!(header_value("a\nb\r\tc"), "a b  c");
-        assert_eq!(header_value(&"x".repeat(5000)).len(), 1024);
-    }
-}
-
 /// A handler that only takes delivery: the event arrived, decoded and valid, and is acknowledged.
 /// Agents whose reactions are not wired yet run with it, so their consumers are live and bad
 /// input is dead-lettered from the first day.
@@ -374,5 +363,16 @@ impl Handler for ReceiveOnly {
             tracing::info!(seq = delivery.stream_sequence, "event received");
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_single_lines() {
+        assert_eq!(header_value("a\nb\r\tc"), "a b  c");
+        assert_eq!(header_value(&"x".repeat(5000)).len(), 1024);
     }
 }

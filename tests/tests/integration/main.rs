@@ -1,5 +1,8 @@
 //! Baton's integration tests, against the real servers of the sandbox.
 
+// A test binary with its own harness (no cfg(test)), where a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod agents;
 mod bus;
 mod compose;
