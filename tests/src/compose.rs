@@ -40,8 +40,10 @@ fn dockerfile_binaries(dockerfile: &str) -> Vec<String> {
 
 pub fn check(root: &Path) -> Result<()> {
     let compose_path = root.join("compose.yaml");
-    let compose: Value = serde_yaml::from_str(&std::fs::read_to_string(&compose_path)?)
+    let mut compose: Value = serde_yaml::from_str(&std::fs::read_to_string(&compose_path)?)
         .with_context(|| format!("parsing {}", compose_path.display()))?;
+    // `<<: *agent` merges, as compose does.
+    compose.apply_merge()?;
     let dockerfile =
         std::fs::read_to_string(root.join("Dockerfile")).context("reading Dockerfile")?;
     let shipped = dockerfile_binaries(&dockerfile);
