@@ -6,6 +6,7 @@
 mod agents;
 mod bus;
 mod compose;
+mod runtime;
 mod sandbox;
 
 use baton_tests::harness::run;
@@ -16,6 +17,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(agents::trials());
     trials.extend(sandbox::trials());
     trials.extend(compose::trials());
+    trials.extend(runtime::trials());
     run(trials)
 }
 
