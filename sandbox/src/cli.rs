@@ -14,7 +14,11 @@ use tracing::info;
 use crate::{Sandbox, SandboxOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "baton-sandbox", version, about = "Baton's local sandbox: NATS, Kubernetes, a registry and simulated nodes")]
+#[command(
+    name = "baton-sandbox",
+    version,
+    about = "Baton's local sandbox: NATS, Kubernetes, a registry and simulated nodes"
+)]
 pub struct Args {
     #[command(subcommand)]
     command: Command,
@@ -58,12 +62,20 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<OsString>,
     },
+    /// Remove a sandbox directory once stdin closes (internal).
+    #[command(hide = true)]
+    Cleanup {
+        #[arg(long, default_value_t = 7000)]
+        delay_ms: u64,
+        dir: PathBuf,
+    },
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); `BATON_LOG_FORMAT=json` for JSON.
+/// Logs to stderr, filtered by `RUST_LOG` (default `info,async_nats=warn`); `BATON_LOG_FORMAT=json` for JSON.
 pub fn init_telemetry() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // async-nats logs every (re)connection at info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -94,6 +106,10 @@ impl Args {
                 // Exit at once: the blocking stdin reader would otherwise hold the runtime.
                 std::process::exit(code);
             }
+            Command::Cleanup { delay_ms, dir } => {
+                crate::process::cleanup(&dir, Duration::from_millis(delay_ms))?;
+                Ok(ExitCode::SUCCESS)
+            }
             command => {
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
@@ -121,7 +137,9 @@ impl Command {
                 env,
                 registry,
             } => push_image(&image, &env, &registry).await,
-            Command::Supervise { .. } => bail!("supervise runs on its own runtime"),
+            Command::Supervise { .. } | Command::Cleanup { .. } => {
+                bail!("internal commands run without this runtime")
+            }
         }
     }
 }
@@ -148,11 +166,16 @@ async fn up(
     if let Some(dir) = bus_config {
         options.bus_config_dir = dir;
     }
+    let bus_config_dir = options.bus_config_dir.clone();
     let sandbox = tokio::select! {
         sandbox = Sandbox::start(options) => sandbox.context("failed to start the sandbox")?,
         _ = term.recv() => bail!("interrupted during startup"),
         _ = int.recv() => bail!("interrupted during startup"),
     };
+    // Baton's bus: streams, consumers, buckets — so agents and the CLI can start at once.
+    apply_bus(&sandbox, &bus_config_dir)
+        .await
+        .context("failed to apply Baton's bus definitions")?;
     let env = sandbox.env();
     if let Some(path) = &env_file {
         sandbox
@@ -173,6 +196,30 @@ async fn up(
     if let Some(path) = &env_file {
         let _ = std::fs::remove_file(path);
     }
+    Ok(())
+}
+
+async fn apply_bus(sandbox: &Sandbox, bus_config_dir: &std::path::Path) -> anyhow::Result<()> {
+    let args = baton_core::bus::NatsArgs {
+        url: sandbox.nats().url().to_owned(),
+        credentials_dir: Some(sandbox.nats().credentials_dir().to_path_buf()),
+        ..Default::default()
+    };
+    let source = baton_core::bus::Source {
+        agent: "sandbox".into(),
+        cluster: "sandbox".into(),
+        instance: format!("baton-sandbox/{}", std::process::id()),
+    };
+    let bus = baton_core::bus::Bus::connect(
+        &args,
+        "admin",
+        source,
+        baton_core::bus::InitialConnect::FailFast,
+    )
+    .await?;
+    let defs = baton_core::busconfig::Definitions::load(bus_config_dir)?;
+    let report = baton_core::busconfig::apply(bus.jetstream(), &defs).await?;
+    info!(changes = report.changed(), "bus applied");
     Ok(())
 }
 

@@ -31,22 +31,20 @@ pub enum SandboxError {
         log_tail: String,
     },
 
-    #[error("{name} exited during startup ({status}); log {log}:\n{log_tail}")]
+    #[error("{name} exited during startup ({status}); {log}")]
     Exited {
         name: String,
         status: String,
-        log: PathBuf,
-        log_tail: String,
+        log: Box<ServerLog>,
     },
 
-    #[error("{name}: {what} not ready after {waited:?}: {last_error}; log {log}:\n{log_tail}")]
+    #[error("{name}: {what} not ready after {waited:?}: {last_error}; {log}")]
     NotReady {
         name: String,
-        what: String,
+        what: &'static str,
         waited: Duration,
         last_error: String,
-        log: PathBuf,
-        log_tail: String,
+        log: Box<ServerLog>,
     },
 
     #[error("failed to send {signal} to {name} (pid {pid})")]
@@ -131,6 +129,9 @@ pub enum SandboxError {
     #[error("the sandbox was started without {component}")]
     Disabled { component: &'static str },
 
+    #[error("the shared sandbox's startup task panicked")]
+    SharedStartupPanicked,
+
     #[error("invalid sandbox options: {reason}")]
     InvalidOptions { reason: String },
 
@@ -140,6 +141,22 @@ pub enum SandboxError {
         #[source]
         source: crate::registry::RegistryError,
     },
+
+    #[error("failed to start the simulated nodes")]
+    Nodes(#[source] crate::node::NodeError),
+}
+
+/// Where a server logs, and the end of that log.
+#[derive(Debug)]
+pub struct ServerLog {
+    pub path: PathBuf,
+    pub tail: String,
+}
+
+impl std::fmt::Display for ServerLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "log {}:\n{}", self.path.display(), self.tail)
+    }
 }
 
 impl SandboxError {

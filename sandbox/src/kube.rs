@@ -191,15 +191,14 @@ impl KubeCluster {
         let client = self.client()?;
         let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(client, "default");
         let started = Instant::now();
-        let mut last_error = String::from("not checked yet");
+        let mut last_error;
         loop {
             for process in [&mut self.controller_manager, &mut self.scheduler] {
                 if let Some(status) = process.try_status() {
                     return Err(SandboxError::Exited {
                         name: process.name().to_string(),
                         status: status.to_string(),
-                        log: process.log_path().to_path_buf(),
-                        log_tail: process.log_tail(30),
+                        log: process.server_log(),
                     });
                 }
             }
@@ -337,7 +336,14 @@ async fn start_apiserver(
 /// secrets with it.
 async fn generate_service_account_key(path: &Path) -> Result<()> {
     let output = tokio::process::Command::new("openssl")
-        .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
         .arg(path)
         .output()
         .await

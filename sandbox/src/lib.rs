@@ -9,6 +9,7 @@ pub mod cli;
 pub mod error;
 pub mod kube;
 pub mod nats;
+pub mod node;
 pub mod process;
 pub mod registry;
 pub mod registry_server;
@@ -48,6 +49,7 @@ pub struct SandboxOptions {
     /// Directory holding `nats-server.conf`.
     pub bus_config_dir: PathBuf,
     /// Behaviour of the simulated nodes; `nodes` above overrides its node count.
+    pub node_options: node::NodeOptions,
 }
 
 impl Default for SandboxOptions {
@@ -57,6 +59,7 @@ impl Default for SandboxOptions {
             kube: true,
             registry: true,
             bus_config_dir: default_bus_config_dir(),
+            node_options: node::NodeOptions::default(),
         }
     }
 }
@@ -124,13 +127,14 @@ fn shell_quote(value: &str) -> String {
 /// All the servers, in one temporary directory. Dropping it stops them (blocking briefly);
 /// [`Sandbox::shutdown`] does the same without blocking the runtime.
 pub struct Sandbox {
+    // Dropped in this order: the nodes stop before the control plane goes away.
+    nodes: Option<node::NodeSimulator>,
     nats: NatsServer,
     kube: Option<KubeCluster>,
     registry: Option<RegistryServer>,
-    nodes: Option<()>,
-    http: reqwest::Client,
     // Last, so that it is removed after the servers have stopped.
     dir: tempfile::TempDir,
+    _janitor: Option<process::Janitor>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -170,6 +174,7 @@ impl Sandbox {
                 path: std::env::temp_dir(),
                 source,
             })?;
+        let janitor = process::Janitor::spawn(dir.path());
         let logs = dir.path().join("logs");
         std::fs::create_dir_all(&logs).map_err(|source| SandboxError::Io {
             what: "create the logs dir",
@@ -208,11 +213,44 @@ impl Sandbox {
             kube,
             registry,
             nodes: None,
-            http,
             dir,
+            _janitor: janitor,
         };
+        if options.nodes > 0 {
+            let client = sandbox.kube_client()?;
+            let registry = sandbox.registry_client()?;
+            let node_options = node::NodeOptions {
+                count: options.nodes,
+                ..options.node_options
+            };
+            let nodes = node::NodeSimulator::start(client, registry, node_options)
+                .await
+                .map_err(SandboxError::Nodes)?;
+            sandbox.nodes = Some(nodes);
+        }
         info!(elapsed = ?started.elapsed(), "sandbox ready");
         Ok(sandbox)
+    }
+
+    /// One full sandbox per process (3 nodes, kube, registry), started on first use and never
+    /// dropped: for tests that share it. It runs on a runtime of its own, so it outlives each
+    /// `#[tokio::test]`'s runtime; create clients per test with [`kube_client`](Self::kube_client)
+    /// and [`nats_client`](Self::nats_client). When the test binary exits, the servers die with
+    /// it and the janitor removes the directory. May be called from inside a runtime (it
+    /// blocks the calling thread during startup).
+    pub fn shared() -> std::result::Result<&'static Sandbox, &'static SandboxError> {
+        static SHARED: std::sync::OnceLock<Result<Sandbox>> = std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| run_forever(Sandbox::start(SandboxOptions::default())))
+            .as_ref()
+    }
+
+    /// Like [`shared`](Self::shared), with nats-server alone.
+    pub fn shared_nats_only() -> std::result::Result<&'static Sandbox, &'static SandboxError> {
+        static SHARED: std::sync::OnceLock<Result<Sandbox>> = std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| run_forever(Sandbox::start(SandboxOptions::nats_only())))
+            .as_ref()
     }
 
     /// A sandbox with nats-server alone.
@@ -242,6 +280,9 @@ impl Sandbox {
         self.registry.as_ref().map(RegistryServer::host_port)
     }
 
+    pub fn nodes(&self) -> Option<&node::NodeSimulator> {
+        self.nodes.as_ref()
+    }
 
     /// A client of the sandbox's registry.
     pub fn registry_client(&self) -> Result<registry::Registry> {
@@ -289,14 +330,12 @@ impl Sandbox {
         })
     }
 
-    /// A reqwest client for loopback HTTP (accepts the apiserver's self-signed certificate).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
-    }
-
     /// Stops the nodes, the control plane, the registry and nats-server, then removes the
     /// directory.
     pub async fn shutdown(mut self) {
+        if let Some(nodes) = self.nodes.take() {
+            nodes.shutdown().await;
+        }
         let kube = self.kube.take();
         let registry = self.registry.take();
         let (kube, registry, nats) = tokio::join!(
@@ -321,6 +360,37 @@ impl Sandbox {
         }
         info!(dir = %self.dir.path().display(), "sandbox stopped");
     }
+}
+
+/// Runs `start` on a runtime kept for the rest of the process (the sandbox's background tasks
+/// live there) and waits for its result without entering a runtime on this thread.
+fn run_forever<F>(start: F) -> Result<Sandbox>
+where
+    F: std::future::Future<Output = Result<Sandbox>> + Send + 'static,
+{
+    static RUNTIME: std::sync::OnceLock<std::io::Result<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    let runtime = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("baton-sandbox")
+                .enable_all()
+                .build()
+        })
+        .as_ref()
+        .map_err(|error| SandboxError::Io {
+            what: "start the shared sandbox's runtime",
+            path: PathBuf::new(),
+            source: std::io::Error::new(error.kind(), error.to_string()),
+        })?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = sender.send(start.await);
+    });
+    receiver
+        .recv()
+        .map_err(|_| SandboxError::SharedStartupPanicked)?
 }
 
 impl Drop for Sandbox {

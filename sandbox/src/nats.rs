@@ -17,15 +17,7 @@ use crate::error::{Result, SandboxError};
 use crate::process::{self, ManagedProcess, ProcessSpec, DEFAULT_GRACE};
 
 /// The users of `bus-config/nats-server.conf`.
-pub const NATS_USERS: [&str; 7] = [
-    "admin",
-    "cli",
-    "builder",
-    "deployer",
-    "health-checker",
-    "rollback",
-    "metrics",
-];
+pub use baton_core::bus::NATS_USERS;
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -144,10 +136,8 @@ impl NatsServer {
     /// Pid of the nats-server process, if it is running.
     pub fn pid(&self) -> Option<u32> {
         let mut guard = self.lock();
-        guard
-            .as_mut()
-            .filter(|p| p.is_running())
-            .map(|p| p.pid())
+        let process = guard.as_mut()?;
+        process.is_running().then(|| process.pid())
     }
 
     /// SIGKILLs the nats-server process itself (not its supervisor) and waits until it is gone.
@@ -202,11 +192,18 @@ impl NatsServer {
                     .connect(&url)
                     .await
                     .map_err(|e| format!("connect to {url}: {e}"))?;
-                async_nats::jetstream::new(client)
-                    .query_account()
+                // A raw request: async-nats 0.51's `query_account` can't parse the account
+                // info of nats-server 2.9.
+                let reply = client
+                    .request("$JS.API.INFO", bytes::Bytes::new())
                     .await
-                    .map(drop)
-                    .map_err(|e| format!("JetStream account info: {e}"))
+                    .map_err(|e| format!("JetStream account info: {e}"))?;
+                let info: serde_json::Value = serde_json::from_slice(&reply.payload)
+                    .map_err(|e| format!("JetStream account info: {e}"))?;
+                match info.get("error") {
+                    None => Ok(()),
+                    Some(error) => Err(format!("JetStream account info: {error}")),
+                }
             }
         })
         .await?;

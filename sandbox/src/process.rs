@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
 
-use crate::error::{Result, SandboxError};
+use crate::error::{Result, SandboxError, ServerLog};
 
 /// How long a server gets between SIGTERM and SIGKILL.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -199,6 +199,14 @@ impl ManagedProcess {
         log_tail(&self.log_path, lines)
     }
 
+    /// The log's path and last lines, for startup errors.
+    pub fn server_log(&self) -> Box<ServerLog> {
+        Box::new(ServerLog {
+            path: self.log_path.clone(),
+            tail: self.log_tail(30),
+        })
+    }
+
     /// The exit status if the server has exited (reaps the supervisor).
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
@@ -235,10 +243,12 @@ impl ManagedProcess {
     /// SIGKILLs the server and waits until its supervisor has reaped it.
     pub async fn kill9(&mut self) -> Result<ExitStatus> {
         self.signal(Signal::SIGKILL)?;
-        self.wait_exit(Duration::from_secs(10)).await.ok_or_else(|| SandboxError::Stop {
-            name: self.name.clone(),
-            pid: self.pid(),
-        })
+        self.wait_exit(Duration::from_secs(10))
+            .await
+            .ok_or_else(|| SandboxError::Stop {
+                name: self.name.clone(),
+                pid: self.pid(),
+            })
     }
 
     /// Waits up to `timeout` for the server to exit.
@@ -272,9 +282,9 @@ impl ManagedProcess {
             }
         }
         self.lifeline.take();
-        let status = self.try_status();
+        let status = self.try_status().map(|s| s.to_string()).unwrap_or_default();
         self.child = None;
-        info!(server = %self.name, status = ?status, "stopped");
+        info!(server = %self.name, %status, "stopped");
         Ok(())
     }
 
@@ -375,19 +385,99 @@ pub fn supervisor_binary() -> Option<&'static Path> {
         }
         let exe = std::env::current_exe().ok()?;
         let dir = exe.parent()?;
-        [Some(dir), dir.parent()]
+        let found = [Some(dir), dir.parent()]
             .into_iter()
             .flatten()
             .map(|d| d.join("baton-sandbox"))
-            .find(|candidate| candidate.is_file())
+            .find(|candidate| candidate.is_file());
+        found
     })
     .as_deref()
+}
+
+/// Removes the sandbox's directory if the process that made it dies without cleaning up (a
+/// sandbox kept in a static, a killed test): `baton-sandbox cleanup` waits for EOF on its stdin,
+/// gives the supervisors their grace, and removes the directory. Dropped normally, it is
+/// simply killed, since the sandbox removes its directory itself.
+#[derive(Debug)]
+pub struct Janitor {
+    child: Child,
+    lifeline: Option<ChildStdin>,
+}
+
+impl Janitor {
+    /// `None` (with a warning already given by [`ManagedProcess::spawn`]'s lookup) when the
+    /// `baton-sandbox` binary isn't around.
+    pub fn spawn(dir: &Path) -> Option<Self> {
+        let binary = supervisor_binary()?;
+        let delay = DEFAULT_GRACE + Duration::from_secs(2);
+        let mut child = Command::new(binary)
+            .arg("cleanup")
+            .arg("--delay-ms")
+            .arg(delay.as_millis().to_string())
+            .arg(dir)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .inspect_err(|error| warn!(%error, "failed to start the sandbox's janitor"))
+            .ok()?;
+        let lifeline = child.stdin.take();
+        Some(Self { child, lifeline })
+    }
+}
+
+impl Drop for Janitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.lifeline.take();
+    }
+}
+
+/// The hidden `baton-sandbox cleanup DIR`: once stdin reaches EOF, waits `delay` and removes
+/// `dir`, which must be a sandbox directory (`baton-sandbox-*`).
+pub fn cleanup(dir: &Path, delay: Duration) -> Result<()> {
+    let is_sandbox_dir = dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with("baton-sandbox-"));
+    if !is_sandbox_dir {
+        return Err(SandboxError::InvalidOptions {
+            reason: format!("{} is not a sandbox directory", dir.display()),
+        });
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = stdin.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+    std::thread::sleep(delay);
+    // Servers still shutting down may write meanwhile; a few tries settle it.
+    let mut result = Ok(());
+    for _ in 0..5 {
+        result = std::fs::remove_dir_all(dir);
+        match &result {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            _ => return Ok(()),
+        }
+    }
+    result.map_err(|source| SandboxError::Io {
+        what: "remove the sandbox directory",
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Polls `probe` until it succeeds, the process exits, or `timeout` passes.
 pub async fn wait_ready<F, Fut>(
     process: &mut ManagedProcess,
-    what: &str,
+    what: &'static str,
     timeout: Duration,
     mut probe: F,
 ) -> Result<()>
@@ -397,14 +487,13 @@ where
 {
     let started = Instant::now();
     let mut delay = Duration::from_millis(25);
-    let mut last_error = String::from("not probed yet");
+    let mut last_error;
     loop {
         if let Some(status) = process.try_status() {
             return Err(SandboxError::Exited {
                 name: process.name().to_string(),
                 status: status.to_string(),
-                log: process.log_path().to_path_buf(),
-                log_tail: process.log_tail(30),
+                log: process.server_log(),
             });
         }
         match tokio::time::timeout(Duration::from_secs(5), probe()).await {
@@ -418,11 +507,10 @@ where
         if started.elapsed() >= timeout {
             return Err(SandboxError::NotReady {
                 name: process.name().to_string(),
-                what: what.to_string(),
+                what,
                 waited: timeout,
                 last_error,
-                log: process.log_path().to_path_buf(),
-                log_tail: process.log_tail(30),
+                log: process.server_log(),
             });
         }
         tokio::time::sleep(delay).await;
@@ -448,7 +536,10 @@ pub async fn probe_http(
     if let Some(token) = bearer {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
     let status = response.status();
     if status.is_success() {
         Ok(())
@@ -496,7 +587,10 @@ pub async fn supervise(grace: Duration, program: OsString, args: Vec<OsString>) 
             program: program_path.clone(),
             source,
         })?;
-    let raw_pid = child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0);
+    let raw_pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .unwrap_or(0);
     {
         let mut out = std::io::stdout().lock();
         // If the parent is already gone, stdin's EOF below takes care of it.
@@ -538,7 +632,9 @@ pub async fn supervise(grace: Duration, program: OsString, args: Vec<OsString>) 
     let status = match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            eprintln!("baton-sandbox supervise: pid {raw_pid} still running after {grace:?}; SIGKILL");
+            eprintln!(
+                "baton-sandbox supervise: pid {raw_pid} still running after {grace:?}; SIGKILL"
+            );
             let _ = child.start_kill();
             child.wait().await
         }

@@ -36,7 +36,10 @@ pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("invalid registry address {address:?}: {reason}")]
-    InvalidAddress { address: String, reason: &'static str },
+    InvalidAddress {
+        address: String,
+        reason: &'static str,
+    },
 
     #[error("invalid repository name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
@@ -45,19 +48,38 @@ pub enum RegistryError {
     InvalidTag { tag: String, reason: &'static str },
 
     #[error("invalid image reference {reference:?}: {reason}")]
-    InvalidReference { reference: String, reason: &'static str },
+    InvalidReference {
+        reference: String,
+        reason: &'static str,
+    },
 
     #[error("invalid environment variable name {key:?} for image {image}: {reason}")]
-    InvalidEnv { image: String, key: String, reason: &'static str },
+    InvalidEnv {
+        image: String,
+        key: String,
+        reason: &'static str,
+    },
 
     #[error("building the http client for registry {host}")]
-    Client { host: String, source: reqwest::Error },
+    Client {
+        host: String,
+        source: reqwest::Error,
+    },
 
     #[error("registry request {method} {url} failed")]
-    Request { method: Method, url: String, source: reqwest::Error },
+    Request {
+        method: Method,
+        url: String,
+        source: reqwest::Error,
+    },
 
     #[error("registry answered {status} to {method} {url}: {body}")]
-    Status { method: Method, url: String, status: StatusCode, body: String },
+    Status {
+        method: Method,
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
 
     #[error("registry answered {method} {url} without a usable location header")]
     MissingLocation { method: Method, url: String },
@@ -66,13 +88,24 @@ pub enum RegistryError {
     TooLarge { what: &'static str, url: String },
 
     #[error("malformed {what} from {url}")]
-    Malformed { what: &'static str, url: String, source: serde_json::Error },
+    Malformed {
+        what: &'static str,
+        url: String,
+        source: serde_json::Error,
+    },
 
     #[error("digest mismatch for {what}: expected {expected}, registry has {actual}")]
-    DigestMismatch { what: String, expected: String, actual: String },
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
 
     #[error("unsupported manifest media type {media_type:?} for {reference}")]
-    UnsupportedManifest { reference: String, media_type: String },
+    UnsupportedManifest {
+        reference: String,
+        media_type: String,
+    },
 }
 
 impl RegistryError {
@@ -130,7 +163,10 @@ impl Registry {
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
-            .map_err(|source| RegistryError::Client { host: host.clone(), source })?;
+            .map_err(|source| RegistryError::Client {
+                host: host.clone(),
+                source,
+            })?;
         Ok(Self { host, http })
     }
 
@@ -147,7 +183,12 @@ impl Registry {
     /// Creates a tiny image `name:tag` whose config has `config.Env` = `env`, pushes its layer,
     /// config and OCI manifest, and returns the manifest digest. The content is deterministic:
     /// the same name, tag and env always give the same digest.
-    pub async fn push_image(&self, name: &str, tag: &str, env: &[(String, String)]) -> Result<String> {
+    pub async fn push_image(
+        &self,
+        name: &str,
+        tag: &str,
+        env: &[(String, String)],
+    ) -> Result<String> {
         validate_name(name)?;
         validate_tag(tag)?;
         for (key, _) in env {
@@ -166,7 +207,8 @@ impl Registry {
 
         let config = image_config(name, tag, env, &diff_id);
         let config_digest = sha256_digest(&config);
-        self.upload_blob(name, &config_digest, config.clone()).await?;
+        self.upload_blob(name, &config_digest, config.clone())
+            .await?;
 
         let manifest = serde_json::to_vec(&json!({
             "schemaVersion": 2,
@@ -199,16 +241,18 @@ impl Registry {
                     .body(manifest),
             )
             .await?;
-        expect_status(Method::PUT, &url, response, &[StatusCode::CREATED]).await.and_then(
-            |response| match header_str(&response, "docker-content-digest") {
-                Some(actual) if actual != digest => Err(RegistryError::DigestMismatch {
-                    what: format!("manifest {name}:{tag}"),
-                    expected: digest.clone(),
-                    actual: actual.to_string(),
-                }),
-                _ => Ok(()),
-            },
-        )?;
+        expect_status(Method::PUT, &url, response, &[StatusCode::CREATED])
+            .await
+            .and_then(
+                |response| match header_str(&response, "docker-content-digest") {
+                    Some(actual) if actual != digest => Err(RegistryError::DigestMismatch {
+                        what: format!("manifest {name}:{tag}"),
+                        expected: digest.clone(),
+                        actual: actual.to_string(),
+                    }),
+                    _ => Ok(()),
+                },
+            )?;
         tracing::debug!(image = %self.reference(name, tag), %digest, "pushed image");
         Ok(digest)
     }
@@ -242,7 +286,10 @@ impl Registry {
             Manifest::Image(image) => image,
             Manifest::Index(child) => {
                 // Followed by digest: the child's digest is checked against the index's entry.
-                match self.fetch_manifest(&parsed.name, &Target::Digest(child.clone())).await? {
+                match self
+                    .fetch_manifest(&parsed.name, &Target::Digest(child.clone()))
+                    .await?
+                {
                     Some((_, Manifest::Image(image))) => image,
                     Some((_, Manifest::Index(_))) => {
                         return Err(RegistryError::UnsupportedManifest {
@@ -254,13 +301,19 @@ impl Registry {
                 }
             }
         };
-        let Some(config) = self.fetch_blob(&parsed.name, &manifest.config.digest).await? else {
+        let Some(config) = self
+            .fetch_blob(&parsed.name, &manifest.config.digest)
+            .await?
+        else {
             return Ok(None);
         };
         let url = self.url(&format!("{}/blobs/{}", parsed.name, manifest.config.digest));
-        let config: ImageConfig = serde_json::from_slice(&config).map_err(|source| {
-            RegistryError::Malformed { what: "image config", url, source }
-        })?;
+        let config: ImageConfig =
+            serde_json::from_slice(&config).map_err(|source| RegistryError::Malformed {
+                what: "image config",
+                url,
+                source,
+            })?;
         let env = config
             .config
             .and_then(|c| c.env)
@@ -284,11 +337,14 @@ impl Registry {
         url: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
-        request.send().await.map_err(|source| RegistryError::Request {
-            method,
-            url: url.to_string(),
-            source,
-        })
+        request
+            .send()
+            .await
+            .map_err(|source| RegistryError::Request {
+                method,
+                url: url.to_string(),
+                source,
+            })
     }
 
     /// Uploads a blob unless the registry already has it: a monolithic POST then PUT.
@@ -302,14 +358,20 @@ impl Registry {
         let url = self.url(&format!("{name}/blobs/uploads/"));
         let response = self.send(Method::POST, &url, self.http.post(&url)).await?;
         let response = expect_status(Method::POST, &url, response, &[StatusCode::ACCEPTED]).await?;
-        let location = header_str(&response, "location")
-            .ok_or_else(|| RegistryError::MissingLocation { method: Method::POST, url: url.clone() })?;
+        let location =
+            header_str(&response, "location").ok_or_else(|| RegistryError::MissingLocation {
+                method: Method::POST,
+                url: url.clone(),
+            })?;
         let location = if location.starts_with('/') {
             format!("http://{}{location}", self.host)
         } else if location.starts_with("http://") {
             location.to_string()
         } else {
-            return Err(RegistryError::MissingLocation { method: Method::POST, url });
+            return Err(RegistryError::MissingLocation {
+                method: Method::POST,
+                url,
+            });
         };
         let separator = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{separator}digest={digest}");
@@ -329,7 +391,11 @@ impl Registry {
 
     /// The manifest and its digest (computed from the bytes), or None when the registry says the
     /// repository or manifest is unknown.
-    async fn fetch_manifest(&self, name: &str, target: &Target) -> Result<Option<(String, Manifest)>> {
+    async fn fetch_manifest(
+        &self,
+        name: &str,
+        target: &Target,
+    ) -> Result<Option<(String, Manifest)>> {
         let url = self.url(&format!("{name}/manifests/{}", target.as_str()));
         let accept = [
             media_type::OCI_MANIFEST,
@@ -338,8 +404,13 @@ impl Registry {
             media_type::DOCKER_MANIFEST_LIST,
         ]
         .join(", ");
-        let response =
-            self.send(Method::GET, &url, self.http.get(&url).header(header::ACCEPT, accept)).await?;
+        let response = self
+            .send(
+                Method::GET,
+                &url,
+                self.http.get(&url).header(header::ACCEPT, accept),
+            )
+            .await?;
         if is_absent(response.status()) {
             return Ok(None);
         }
@@ -347,15 +418,23 @@ impl Registry {
         let content_type = header_str(&response, "content-type").map(str::to_string);
         let bytes = read_limited(response, "manifest", &url).await?;
         let digest = sha256_digest(&bytes);
-        let raw: RawManifest = serde_json::from_slice(&bytes).map_err(|source| {
-            RegistryError::Malformed { what: "manifest", url: url.clone(), source }
-        })?;
+        let raw: RawManifest =
+            serde_json::from_slice(&bytes).map_err(|source| RegistryError::Malformed {
+                what: "manifest",
+                url: url.clone(),
+                source,
+            })?;
         let media_type = raw
             .media_type
             .clone()
             .or(content_type)
             .unwrap_or_else(|| media_type::OCI_MANIFEST.to_string());
-        let media_type = media_type.split(';').next().unwrap_or_default().trim().to_string();
+        let media_type = media_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let manifest = match media_type.as_str() {
             media_type::OCI_MANIFEST | media_type::DOCKER_MANIFEST => match raw.config {
                 Some(config) => Manifest::Image(ImageManifest { config }),
@@ -433,20 +512,41 @@ async fn expect_status(
     }
     let mut body = response.text().await.unwrap_or_default();
     body.truncate(500);
-    Err(RegistryError::Status { method, url: url.to_string(), status, body: body.trim().to_string() })
+    Err(RegistryError::Status {
+        method,
+        url: url.to_string(),
+        status,
+        body: body.trim().to_string(),
+    })
 }
 
-async fn read_limited(response: reqwest::Response, what: &'static str, url: &str) -> Result<Vec<u8>> {
-    if response.content_length().is_some_and(|len| len > MAX_DOCUMENT_BYTES as u64) {
-        return Err(RegistryError::TooLarge { what, url: url.to_string() });
+async fn read_limited(
+    response: reqwest::Response,
+    what: &'static str,
+    url: &str,
+) -> Result<Vec<u8>> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > MAX_DOCUMENT_BYTES as u64)
+    {
+        return Err(RegistryError::TooLarge {
+            what,
+            url: url.to_string(),
+        });
     }
-    let bytes = response.bytes().await.map_err(|source| RegistryError::Request {
-        method: Method::GET,
-        url: url.to_string(),
-        source,
-    })?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|source| RegistryError::Request {
+            method: Method::GET,
+            url: url.to_string(),
+            source,
+        })?;
     if bytes.len() > MAX_DOCUMENT_BYTES {
-        return Err(RegistryError::TooLarge { what, url: url.to_string() });
+        return Err(RegistryError::TooLarge {
+            what,
+            url: url.to_string(),
+        });
     }
     Ok(bytes.to_vec())
 }
@@ -525,7 +625,10 @@ impl Target {
 
 impl ImageReference {
     pub(crate) fn parse(reference: &str) -> Result<Self> {
-        let invalid = |reason| RegistryError::InvalidReference { reference: reference.to_string(), reason };
+        let invalid = |reason| RegistryError::InvalidReference {
+            reference: reference.to_string(),
+            reason,
+        };
         if reference.is_empty() {
             return Err(invalid("empty"));
         }
@@ -558,21 +661,32 @@ impl ImageReference {
             (None, Some(tag)) => Target::Tag(tag.to_string()),
             (None, None) => Target::Tag("latest".to_string()),
         };
-        Ok(Self { host, name: name.to_string(), target })
+        Ok(Self {
+            host,
+            name: name.to_string(),
+            target,
+        })
     }
 }
 
 fn same_host(a: &str, b: &str) -> bool {
     let normalise = |h: &str| {
         let (host, port) = h.rsplit_once(':').unwrap_or((h, ""));
-        let host = if host == "localhost" { "127.0.0.1" } else { host };
+        let host = if host == "localhost" {
+            "127.0.0.1"
+        } else {
+            host
+        };
         (host.to_ascii_lowercase(), port.to_string())
     };
     normalise(a) == normalise(b)
 }
 
 fn validate_host(host: &str) -> Result<()> {
-    let invalid = |reason| RegistryError::InvalidAddress { address: host.to_string(), reason };
+    let invalid = |reason| RegistryError::InvalidAddress {
+        address: host.to_string(),
+        reason,
+    };
     if host.is_empty() {
         return Err(invalid("empty"));
     }
@@ -583,7 +697,8 @@ fn validate_host(host: &str) -> Result<()> {
         if h.is_empty() {
             return Err(invalid("empty host"));
         }
-        port.parse::<u16>().map_err(|_| invalid("port is not a number in 1..=65535"))?;
+        port.parse::<u16>()
+            .map_err(|_| invalid("port is not a number in 1..=65535"))?;
     }
     Ok(())
 }
@@ -591,7 +706,10 @@ fn validate_host(host: &str) -> Result<()> {
 /// A repository name per the distribution spec: `/`-separated components of lowercase
 /// alphanumerics joined by `.`, `_`, `__` or runs of `-`.
 pub(crate) fn validate_name(name: &str) -> Result<()> {
-    let invalid = |reason| RegistryError::InvalidName { name: name.to_string(), reason };
+    let invalid = |reason| RegistryError::InvalidName {
+        name: name.to_string(),
+        reason,
+    };
     if name.is_empty() {
         return Err(invalid("empty"));
     }
@@ -628,14 +746,19 @@ fn validate_component(component: &str) -> Result<(), &'static str> {
         let sep = &component[start..i];
         let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
         if !ok {
-            return Err("only lowercase letters, digits and single '.', '_', '__' or '-' runs are allowed");
+            return Err(
+                "only lowercase letters, digits and single '.', '_', '__' or '-' runs are allowed",
+            );
         }
     }
     Ok(())
 }
 
 pub(crate) fn validate_tag(tag: &str) -> Result<()> {
-    let invalid = |reason| RegistryError::InvalidTag { tag: tag.to_string(), reason };
+    let invalid = |reason| RegistryError::InvalidTag {
+        tag: tag.to_string(),
+        reason,
+    };
     let bytes = tag.as_bytes();
     match bytes.first() {
         None => return Err(invalid("empty")),
@@ -647,8 +770,13 @@ pub(crate) fn validate_tag(tag: &str) -> Result<()> {
     if bytes.len() > 128 {
         return Err(invalid("longer than 128 characters"));
     }
-    if !bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
-        return Err(invalid("only letters, digits, '_', '.' and '-' are allowed"));
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(invalid(
+            "only letters, digits, '_', '.' and '-' are allowed",
+        ));
     }
     Ok(())
 }
@@ -657,7 +785,11 @@ fn validate_digest(digest: &str) -> Result<(), &'static str> {
     let Some(hex) = digest.strip_prefix("sha256:") else {
         return Err("digest must be sha256:<64 hex digits>");
     };
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err("digest must be sha256:<64 hex digits>");
     }
     Ok(())
@@ -707,7 +839,11 @@ fn layer_tar(name: &str, tag: &str) -> Vec<u8> {
     put(&mut header, 100, b"0000644\0");
     put(&mut header, 108, b"0000000\0");
     put(&mut header, 116, b"0000000\0");
-    put(&mut header, 124, format!("{:011o}\0", content.len()).as_bytes());
+    put(
+        &mut header,
+        124,
+        format!("{:011o}\0", content.len()).as_bytes(),
+    );
     put(&mut header, 136, b"00000000000\0");
     put(&mut header, 148, b"        ");
     header[156] = b'0';
@@ -795,8 +931,15 @@ pub(crate) mod tests {
                 .spawn()
                 .expect("spawn docker-registry");
             let host = format!("127.0.0.1:{port}");
-            let registry = Self { child, _dir: dir, host };
-            let http = reqwest::Client::builder().no_proxy().build().expect("client");
+            let registry = Self {
+                child,
+                _dir: dir,
+                host,
+            };
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
             for _ in 0..100 {
                 let ready = http
                     .get(format!("http://{}/v2/", registry.host))
@@ -820,7 +963,10 @@ pub(crate) mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -872,14 +1018,44 @@ pub(crate) mod tests {
         let digest = format!("sha256:{}", "a".repeat(64));
         let tag = |t: &str| Target::Tag(t.to_string());
         let cases: Vec<(String, Option<&str>, &str, Target)> = vec![
-            ("127.0.0.1:5000/web:v1".into(), Some("127.0.0.1:5000"), "web", tag("v1")),
-            ("127.0.0.1:5000/shop/web".into(), Some("127.0.0.1:5000"), "shop/web", tag("latest")),
-            ("localhost:5000/web:v1".into(), Some("localhost:5000"), "web", tag("v1")),
+            (
+                "127.0.0.1:5000/web:v1".into(),
+                Some("127.0.0.1:5000"),
+                "web",
+                tag("v1"),
+            ),
+            (
+                "127.0.0.1:5000/shop/web".into(),
+                Some("127.0.0.1:5000"),
+                "shop/web",
+                tag("latest"),
+            ),
+            (
+                "localhost:5000/web:v1".into(),
+                Some("localhost:5000"),
+                "web",
+                tag("v1"),
+            ),
             ("web:v1".into(), None, "web", tag("v1")),
             ("shop/web:v1".into(), None, "shop/web", tag("v1")),
-            ("docker.io/library/nginx:1.19".into(), Some("docker.io"), "library/nginx", tag("1.19")),
-            (format!("h:1/web@{digest}"), Some("h:1"), "web", Target::Digest(digest.clone())),
-            (format!("h:1/web:v1@{digest}"), Some("h:1"), "web", Target::Digest(digest.clone())),
+            (
+                "docker.io/library/nginx:1.19".into(),
+                Some("docker.io"),
+                "library/nginx",
+                tag("1.19"),
+            ),
+            (
+                format!("h:1/web@{digest}"),
+                Some("h:1"),
+                "web",
+                Target::Digest(digest.clone()),
+            ),
+            (
+                format!("h:1/web:v1@{digest}"),
+                Some("h:1"),
+                "web",
+                Target::Digest(digest.clone()),
+            ),
         ];
         for (reference, host, name, target) in cases {
             let parsed = ImageReference::parse(&reference).expect(&reference);
@@ -887,8 +1063,18 @@ pub(crate) mod tests {
             assert_eq!(parsed.name, name, "{reference}");
             assert_eq!(parsed.target, target, "{reference}");
         }
-        for bad in ["", "Web:v1", "h:1/web:", "h:1/web@sha256:zz", "h:x/web:v1", "web:v1:v2"] {
-            assert!(ImageReference::parse(bad).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "Web:v1",
+            "h:1/web:",
+            "h:1/web@sha256:zz",
+            "h:x/web:v1",
+            "web:v1:v2",
+        ] {
+            assert!(
+                ImageReference::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -909,7 +1095,12 @@ pub(crate) mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .expect("tar");
-        child.stdin.take().expect("stdin").write_all(&layer).expect("write");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&layer)
+            .expect("write");
         let output = child.wait_with_output().expect("tar output");
         assert!(output.status.success());
         assert_eq!(String::from_utf8_lossy(&output.stdout), "shop/web:v1\n");
@@ -922,13 +1113,30 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_input_is_rejected_before_any_request() {
-        assert!(matches!(Registry::new("http://127.0.0.1:5000"), Err(RegistryError::InvalidAddress { .. })));
-        assert!(matches!(Registry::new("127.0.0.1:99999"), Err(RegistryError::InvalidAddress { .. })));
+        assert!(matches!(
+            Registry::new("http://127.0.0.1:5000"),
+            Err(RegistryError::InvalidAddress { .. })
+        ));
+        assert!(matches!(
+            Registry::new("127.0.0.1:99999"),
+            Err(RegistryError::InvalidAddress { .. })
+        ));
         let registry = Registry::new("127.0.0.1:9").expect("registry");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
         rt.block_on(async {
             let err = registry.push_image("Bad", "v1", &[]).await.expect_err("bad name");
-            assert_eq!(err.to_string(), "invalid repository name \"Bad\": only lowercase letters, digits and single '.', '_', '__' or '-' runs are allowed");
+            assert_eq!(
+                err.to_string(),
+                "invalid repository name \"Bad\": path components must start and end with a lowercase letter or digit"
+            );
+            let err = registry.push_image("web", "v1+b", &[]).await.expect_err("bad tag");
+            assert_eq!(
+                err.to_string(),
+                "invalid tag \"v1+b\": only letters, digits, '_', '.' and '-' are allowed"
+            );
             let err = registry.push_image("web", "v1", &env(&[("A=B", "c")])).await.expect_err("bad env");
             assert!(matches!(err, RegistryError::InvalidEnv { .. }));
         });
@@ -939,24 +1147,45 @@ pub(crate) mod tests {
         let server = TestRegistry::start().await;
         let registry = Registry::new(server.host.clone()).expect("registry");
         let vars = env(&[("BATON_SIM_HEALTH", "ok"), ("GREETING", "a=b")]);
-        let digest = registry.push_image("shop/web", "v1", &vars).await.expect("push");
+        let digest = registry
+            .push_image("shop/web", "v1", &vars)
+            .await
+            .expect("push");
         assert!(digest.starts_with("sha256:") && digest.len() == 71);
 
-        let by_tag = registry.inspect(&format!("{}/shop/web:v1", server.host)).await.expect("inspect");
+        let by_tag = registry
+            .inspect(&format!("{}/shop/web:v1", server.host))
+            .await
+            .expect("inspect");
         let info = by_tag.expect("image is present");
         assert_eq!(info.digest, digest);
         assert_eq!(info.env, vars);
 
-        let by_digest = registry.inspect(&format!("{}/shop/web@{digest}", server.host)).await.expect("inspect");
+        let by_digest = registry
+            .inspect(&format!("{}/shop/web@{digest}", server.host))
+            .await
+            .expect("inspect");
         assert_eq!(by_digest.map(|i| i.digest), Some(digest.clone()));
         let without_host = registry.inspect("shop/web:v1").await.expect("inspect");
         assert_eq!(without_host.map(|i| i.digest), Some(digest.clone()));
 
         // Pushing the same content again is idempotent; different env gives a new digest.
-        assert_eq!(registry.push_image("shop/web", "v1", &vars).await.expect("push"), digest);
-        let other = registry.push_image("shop/web", "v2", &env(&[("BATON_SIM_HEALTH", "fail")])).await.expect("push");
+        assert_eq!(
+            registry
+                .push_image("shop/web", "v1", &vars)
+                .await
+                .expect("push"),
+            digest
+        );
+        let other = registry
+            .push_image("shop/web", "v2", &env(&[("BATON_SIM_HEALTH", "fail")]))
+            .await
+            .expect("push");
         assert_ne!(other, digest);
-        let v2 = registry.inspect(&format!("{}/shop/web:v2", server.host)).await.expect("inspect");
+        let v2 = registry
+            .inspect(&format!("{}/shop/web:v2", server.host))
+            .await
+            .expect("inspect");
         assert_eq!(v2.expect("v2").env, env(&[("BATON_SIM_HEALTH", "fail")]));
     }
 
@@ -973,7 +1202,11 @@ pub(crate) mod tests {
             "docker.io/library/web:v1".to_string(),
         ];
         for reference in missing {
-            assert_eq!(registry.inspect(&reference).await.expect(&reference), None, "{reference}");
+            assert_eq!(
+                registry.inspect(&reference).await.expect(&reference),
+                None,
+                "{reference}"
+            );
         }
     }
 
@@ -984,8 +1217,15 @@ pub(crate) mod tests {
             .expect("free port")
             .port();
         let registry = Registry::new(format!("127.0.0.1:{port}")).expect("registry");
-        let err = registry.inspect("web:v1").await.expect_err("nobody listens");
+        let err = registry
+            .inspect("web:v1")
+            .await
+            .expect_err("nobody listens");
         assert!(err.is_retryable(), "{err}");
-        assert!(err.to_string().starts_with("registry request GET http://127.0.0.1:"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("registry request GET http://127.0.0.1:"),
+            "{err}"
+        );
     }
 }

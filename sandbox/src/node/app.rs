@@ -60,11 +60,16 @@ impl Servers {
         }
         let mut tasks = JoinSet::new();
         for listener in listeners {
-            let router = Router::new().fallback(handle).with_state(Arc::clone(&state));
+            let router = Router::new()
+                .fallback(handle)
+                .with_state(Arc::clone(&state));
             let shutdown = stop.clone().cancelled_owned();
             tasks.spawn(async move {
                 let addr = listener.local_addr().ok();
-                if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+                if let Err(error) = axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
                     tracing::warn!(?addr, %error, "simulated app server failed");
                 }
             });
@@ -102,7 +107,9 @@ async fn handle(State(app): State<Arc<AppState>>, uri: Uri) -> Response {
         }
     }
     let elapsed = app.started.elapsed();
-    let reply = app.behaviour.route(uri.path(), elapsed, rand::random::<f64>());
+    let reply = app
+        .behaviour
+        .route(uri.path(), elapsed, rand::random::<f64>());
     let status = reply.status();
     let body = match reply {
         Reply::Starting => "starting\n".to_string(),
@@ -149,7 +156,9 @@ mod tests {
     fn metrics_always_show_200_and_500() {
         let text = render_metrics(&BTreeMap::from([(404, 2)]));
         assert_eq!(
-            text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>(),
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>(),
             [
                 "http_requests_total{code=\"200\"} 0",
                 "http_requests_total{code=\"404\"} 2",
@@ -170,27 +179,72 @@ mod tests {
         let lease = super::super::ip::IpLease::acquire(&[18080, 18081]).expect("lease");
         let ip = lease.ip();
         let root = CancellationToken::new();
-        let behaviour = Behaviour { health: Health::Fail, ..Default::default() };
-        let servers = Servers::start(ip, &[18080, 18081], behaviour, "r:1/web:v1".into(), Instant::now(), &root)
-            .await
-            .expect("servers");
-        let client = reqwest::Client::builder().no_proxy().build().expect("client");
-        assert_eq!(get(&client, &format!("http://{ip}:18080/health")).await, (500, "failing\n".into()));
-        assert_eq!(get(&client, &format!("http://{ip}:18081/version")).await, (200, "r:1/web:v1".into()));
-        assert_eq!(get(&client, &format!("http://{ip}:18080/nope")).await.0, 404);
+        let behaviour = Behaviour {
+            health: Health::Fail,
+            ..Default::default()
+        };
+        let servers = Servers::start(
+            ip,
+            &[18080, 18081],
+            behaviour,
+            "r:1/web:v1".into(),
+            Instant::now(),
+            &root,
+        )
+        .await
+        .expect("servers");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        assert_eq!(
+            get(&client, &format!("http://{ip}:18080/health")).await,
+            (500, "failing\n".into())
+        );
+        assert_eq!(
+            get(&client, &format!("http://{ip}:18081/version")).await,
+            (200, "r:1/web:v1".into())
+        );
+        assert_eq!(
+            get(&client, &format!("http://{ip}:18080/nope")).await.0,
+            404
+        );
         let (status, metrics) = get(&client, &format!("http://{ip}:18081/metrics")).await;
         assert_eq!(status, 200);
-        assert!(metrics.contains("http_requests_total{code=\"200\"} 1\n"), "{metrics}");
-        assert!(metrics.contains("http_requests_total{code=\"500\"} 1\n"), "{metrics}");
-        assert!(metrics.contains("http_requests_total{code=\"404\"} 1\n"), "{metrics}");
+        assert!(
+            metrics.contains("http_requests_total{code=\"200\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("http_requests_total{code=\"500\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("http_requests_total{code=\"404\"} 1\n"),
+            "{metrics}"
+        );
 
         servers.stop().await;
-        assert!(client.get(format!("http://{ip}:18080/health")).send().await.is_err());
-        // The ports are free again for the next run.
-        let again = Servers::start(ip, &[18080], Behaviour::default(), String::new(), Instant::now(), &root)
+        assert!(client
+            .get(format!("http://{ip}:18080/health"))
+            .send()
             .await
-            .expect("restart");
-        assert_eq!(get(&client, &format!("http://{ip}:18080/health")).await, (200, "ok".into()));
+            .is_err());
+        // The ports are free again for the next run.
+        let again = Servers::start(
+            ip,
+            &[18080],
+            Behaviour::default(),
+            String::new(),
+            Instant::now(),
+            &root,
+        )
+        .await
+        .expect("restart");
+        assert_eq!(
+            get(&client, &format!("http://{ip}:18080/health")).await,
+            (200, "ok".into())
+        );
         root.cancel();
         again.stop().await;
     }
@@ -200,12 +254,30 @@ mod tests {
         crate::registry::ensure_crypto_provider();
         let lease = super::super::ip::IpLease::acquire(&[18080]).expect("lease");
         let root = CancellationToken::new();
-        let behaviour = Behaviour { startup: Duration::from_secs(60), ..Default::default() };
-        let servers = Servers::start(lease.ip(), &[18080], behaviour, String::new(), Instant::now(), &root)
-            .await
-            .expect("servers");
-        let client = reqwest::Client::builder().no_proxy().build().expect("client");
-        assert_eq!(get(&client, &format!("http://{}:18080/health", lease.ip())).await.0, 503);
+        let behaviour = Behaviour {
+            startup: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let servers = Servers::start(
+            lease.ip(),
+            &[18080],
+            behaviour,
+            String::new(),
+            Instant::now(),
+            &root,
+        )
+        .await
+        .expect("servers");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        assert_eq!(
+            get(&client, &format!("http://{}:18080/health", lease.ip()))
+                .await
+                .0,
+            503
+        );
         servers.stop().await;
     }
 }

@@ -59,7 +59,11 @@ pub(crate) struct BehaviourError {
 
 impl fmt::Display for BehaviourError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {} {:?}: expected {}", self.var, self.value, self.expected)
+        write!(
+            f,
+            "invalid {} {:?}: expected {}",
+            self.var, self.value, self.expected
+        )
     }
 }
 
@@ -75,19 +79,23 @@ impl Behaviour {
             if value.is_empty() {
                 continue;
             }
-            let err = |var, expected| BehaviourError { var, value: value.to_string(), expected };
+            let err = |var, expected| BehaviourError {
+                var,
+                value: value.to_string(),
+                expected,
+            };
             match key.as_str() {
                 HEALTH => {
                     behaviour.health = parse_health(value)
                         .ok_or_else(|| err(HEALTH, "ok, fail or flaky:<share between 0 and 1>"))?;
                 }
                 LATENCY_MS => {
-                    behaviour.latency =
-                        parse_ms(value).ok_or_else(|| err(LATENCY_MS, "milliseconds, 0..=86400000"))?;
+                    behaviour.latency = parse_ms(value)
+                        .ok_or_else(|| err(LATENCY_MS, "milliseconds, 0..=86400000"))?;
                 }
                 STARTUP_MS => {
-                    behaviour.startup =
-                        parse_ms(value).ok_or_else(|| err(STARTUP_MS, "milliseconds, 0..=86400000"))?;
+                    behaviour.startup = parse_ms(value)
+                        .ok_or_else(|| err(STARTUP_MS, "milliseconds, 0..=86400000"))?;
                 }
                 FAIL_AFTER_MS => {
                     behaviour.fail_after = Some(
@@ -140,7 +148,9 @@ impl Behaviour {
             return Reply::Starting;
         }
         match path {
-            "/health" => Reply::Health { ok: !self.health_fails(elapsed, draw) },
+            "/health" => Reply::Health {
+                ok: !self.health_fails(elapsed, draw),
+            },
             "/version" => Reply::Version,
             "/metrics" => Reply::Metrics,
             _ => Reply::NotFound,
@@ -152,7 +162,9 @@ impl Behaviour {
 pub(crate) enum Reply {
     /// 503 before the startup delay has passed.
     Starting,
-    Health { ok: bool },
+    Health {
+        ok: bool,
+    },
     Version,
     Metrics,
     NotFound,
@@ -197,7 +209,8 @@ fn parse_bool(value: &str) -> Option<bool> {
 /// failure, capped at `max`. The kubelet uses 10s and 5min for both crash loops and image pulls.
 pub(crate) fn backoff(base: Duration, max: Duration, failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(31);
-    base.checked_mul(1u32 << doublings).map_or(max, |d| d.min(max))
+    base.checked_mul(1u32 << doublings)
+        .map_or(max, |d| d.min(max))
 }
 
 /// The pod's env as a container sees it: the image's `Env`, overridden by the pod spec's literal
@@ -221,7 +234,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -231,24 +247,72 @@ mod tests {
         let cases: Vec<(Vec<(String, String)>, Behaviour)> = vec![
             (env(&[]), Behaviour::default()),
             (env(&[("OTHER", "x"), (HEALTH, "ok")]), Behaviour::default()),
-            (env(&[(HEALTH, "fail")]), Behaviour { health: Health::Fail, ..Default::default() }),
+            (
+                env(&[(HEALTH, "fail")]),
+                Behaviour {
+                    health: Health::Fail,
+                    ..Default::default()
+                },
+            ),
             (
                 env(&[(HEALTH, "flaky:0.25")]),
-                Behaviour { health: Health::Flaky(0.25), ..Default::default() },
+                Behaviour {
+                    health: Health::Flaky(0.25),
+                    ..Default::default()
+                },
             ),
-            (env(&[(HEALTH, "flaky:1")]), Behaviour { health: Health::Flaky(1.0), ..Default::default() }),
-            (env(&[(LATENCY_MS, "150")]), Behaviour { latency: MS(150), ..Default::default() }),
-            (env(&[(STARTUP_MS, "2000")]), Behaviour { startup: MS(2000), ..Default::default() }),
+            (
+                env(&[(HEALTH, "flaky:1")]),
+                Behaviour {
+                    health: Health::Flaky(1.0),
+                    ..Default::default()
+                },
+            ),
+            (
+                env(&[(LATENCY_MS, "150")]),
+                Behaviour {
+                    latency: MS(150),
+                    ..Default::default()
+                },
+            ),
+            (
+                env(&[(STARTUP_MS, "2000")]),
+                Behaviour {
+                    startup: MS(2000),
+                    ..Default::default()
+                },
+            ),
             (
                 env(&[(FAIL_AFTER_MS, "0")]),
-                Behaviour { fail_after: Some(Duration::ZERO), ..Default::default() },
+                Behaviour {
+                    fail_after: Some(Duration::ZERO),
+                    ..Default::default()
+                },
             ),
-            (env(&[(CRASH, "1")]), Behaviour { crash: true, ..Default::default() }),
+            (
+                env(&[(CRASH, "1")]),
+                Behaviour {
+                    crash: true,
+                    ..Default::default()
+                },
+            ),
             (env(&[(CRASH, "0")]), Behaviour::default()),
-            (env(&[(READY, "0")]), Behaviour { ready: false, ..Default::default() }),
+            (
+                env(&[(READY, "0")]),
+                Behaviour {
+                    ready: false,
+                    ..Default::default()
+                },
+            ),
             (env(&[(READY, "true")]), Behaviour::default()),
-            (env(&[(HEALTH, "fail"), (HEALTH, "ok")]), Behaviour::default()),
-            (env(&[(HEALTH, ""), (LATENCY_MS, " ")]), Behaviour::default()),
+            (
+                env(&[(HEALTH, "fail"), (HEALTH, "ok")]),
+                Behaviour::default(),
+            ),
+            (
+                env(&[(HEALTH, ""), (LATENCY_MS, " ")]),
+                Behaviour::default(),
+            ),
         ];
         for (vars, expected) in cases {
             assert_eq!(Behaviour::from_env(&vars), Ok(expected), "{vars:?}");
@@ -273,16 +337,29 @@ mod tests {
         for (var, value) in cases {
             let err = Behaviour::from_env(&env(&[(var, value)])).expect_err(value);
             assert_eq!(err.var, var);
-            assert!(err.to_string().starts_with(&format!("invalid {var} \"{value}\": expected")), "{err}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid {var} \"{value}\": expected")),
+                "{err}"
+            );
         }
     }
 
     #[test]
     fn health_follows_the_mode_and_the_fail_after_delay() {
         let ok = Behaviour::default();
-        let fail = Behaviour { health: Health::Fail, ..Default::default() };
-        let flaky = Behaviour { health: Health::Flaky(0.3), ..Default::default() };
-        let later = Behaviour { fail_after: Some(MS(500)), ..Default::default() };
+        let fail = Behaviour {
+            health: Health::Fail,
+            ..Default::default()
+        };
+        let flaky = Behaviour {
+            health: Health::Flaky(0.3),
+            ..Default::default()
+        };
+        let later = Behaviour {
+            fail_after: Some(MS(500)),
+            ..Default::default()
+        };
         let cases = [
             (&ok, MS(0), 0.0, false),
             (&fail, MS(0), 0.99, true),
@@ -292,13 +369,21 @@ mod tests {
             (&later, MS(500), 0.99, true),
         ];
         for (behaviour, elapsed, draw, fails) in cases {
-            assert_eq!(behaviour.health_fails(elapsed, draw), fails, "{behaviour:?} at {elapsed:?}");
+            assert_eq!(
+                behaviour.health_fails(elapsed, draw),
+                fails,
+                "{behaviour:?} at {elapsed:?}"
+            );
         }
     }
 
     #[test]
     fn routes_answer_like_the_simulated_app() {
-        let slow = Behaviour { startup: MS(1000), health: Health::Fail, ..Default::default() };
+        let slow = Behaviour {
+            startup: MS(1000),
+            health: Health::Fail,
+            ..Default::default()
+        };
         let cases = [
             ("/health", MS(999), Reply::Starting, 503),
             ("/version", MS(0), Reply::Starting, 503),
@@ -319,15 +404,54 @@ mod tests {
     fn readiness_needs_startup_done_no_crash_loop_and_ready_not_disabled() {
         let cases = [
             (Behaviour::default(), MS(0), true),
-            (Behaviour { startup: MS(100), ..Default::default() }, MS(99), false),
-            (Behaviour { startup: MS(100), ..Default::default() }, MS(100), true),
-            (Behaviour { ready: false, ..Default::default() }, MS(5000), false),
-            (Behaviour { crash: true, ..Default::default() }, MS(10), false),
+            (
+                Behaviour {
+                    startup: MS(100),
+                    ..Default::default()
+                },
+                MS(99),
+                false,
+            ),
+            (
+                Behaviour {
+                    startup: MS(100),
+                    ..Default::default()
+                },
+                MS(100),
+                true,
+            ),
+            (
+                Behaviour {
+                    ready: false,
+                    ..Default::default()
+                },
+                MS(5000),
+                false,
+            ),
+            (
+                Behaviour {
+                    crash: true,
+                    ..Default::default()
+                },
+                MS(10),
+                false,
+            ),
             // Failing health alone doesn't make a container unready: only a probe does.
-            (Behaviour { health: Health::Fail, ..Default::default() }, MS(0), true),
+            (
+                Behaviour {
+                    health: Health::Fail,
+                    ..Default::default()
+                },
+                MS(0),
+                true,
+            ),
         ];
         for (behaviour, elapsed, ready) in cases {
-            assert_eq!(behaviour.is_ready(elapsed), ready, "{behaviour:?} at {elapsed:?}");
+            assert_eq!(
+                behaviour.is_ready(elapsed),
+                ready,
+                "{behaviour:?} at {elapsed:?}"
+            );
         }
     }
 
@@ -346,7 +470,11 @@ mod tests {
             (s(10), s(300), 5, s(160)),
         ];
         for (base, max, failures, expected) in cases {
-            assert_eq!(backoff(base, max, failures), expected, "{failures} failures");
+            assert_eq!(
+                backoff(base, max, failures),
+                expected,
+                "{failures} failures"
+            );
         }
     }
 
@@ -354,7 +482,10 @@ mod tests {
     fn pod_env_overrides_image_env_by_name() {
         let image = env(&[("A", "1"), ("B", "2"), ("B", "3")]);
         let pod = env(&[("B", "pod"), ("C", "4")]);
-        assert_eq!(merge_env(&image, &pod), env(&[("A", "1"), ("B", "pod"), ("C", "4")]));
+        assert_eq!(
+            merge_env(&image, &pod),
+            env(&[("A", "1"), ("B", "pod"), ("C", "4")])
+        );
         assert_eq!(merge_env(&[], &[]), vec![]);
     }
 }

@@ -72,7 +72,9 @@ impl Drop for IpLease {
 
 fn leased() -> std::sync::MutexGuard<'static, BTreeSet<Ipv4Addr>> {
     // The set stays consistent even if a holder panicked: insert and remove are single calls.
-    LEASED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LEASED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -81,7 +83,9 @@ mod tests {
 
     #[test]
     fn leases_are_distinct_in_range_and_given_back_on_drop() {
-        let leases: Vec<IpLease> = (0..50).map(|_| IpLease::acquire(&[8080]).expect("lease")).collect();
+        let leases: Vec<IpLease> = (0..50)
+            .map(|_| IpLease::acquire(&[8080]).expect("lease"))
+            .collect();
         let ips: BTreeSet<Ipv4Addr> = leases.iter().map(IpLease::ip).collect();
         assert_eq!(ips.len(), 50);
         for ip in &ips {
@@ -107,8 +111,14 @@ mod tests {
         let lease = IpLease::acquire_from(&[port], [held.ip(), busy_ip, free].into_iter())
             .expect("a free address");
         assert_eq!(lease.ip(), free);
-        assert!(!leased().contains(&busy_ip), "the busy address was given back");
+        assert!(
+            !leased().contains(&busy_ip),
+            "the busy address was given back"
+        );
         let none = IpLease::acquire_from(&[port], [held.ip(), busy_ip].into_iter());
-        assert_eq!(none.expect_err("nothing free").kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(
+            none.expect_err("nothing free").kind(),
+            io::ErrorKind::AddrInUse
+        );
     }
 }

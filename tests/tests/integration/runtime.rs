@@ -39,7 +39,11 @@ struct Scripted {
 }
 
 impl Handler for Scripted {
-    fn handle<'a>(&'a self, _ctx: &'a AgentContext, d: Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        _ctx: &'a AgentContext,
+        d: Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             if let Ok(mut v) = self.deliveries.lock() {
                 v.push(d.delivered);
@@ -60,14 +64,21 @@ struct Setup {
 /// The builder's consumer, with a short ack wait and few deliveries so the test is quick.
 async fn setup(ack_wait: Duration, max_deliver: i64) -> Result<Setup> {
     let env = BusEnv::start().await?;
-    let mut def = Definitions::embedded()?.consumers_for(Role::Builder).remove(0);
+    let mut def = Definitions::embedded()?
+        .consumers_for(Role::Builder)
+        .remove(0);
     def.config["ack_wait"] = serde_json::json!(ack_wait.as_nanos() as u64);
     def.config["max_deliver"] = serde_json::json!(max_deliver);
     let admin = env.bus("admin").await?;
     let stream = admin.jetstream().get_stream(&def.stream).await?;
     stream.create_consumer(def.pull_config()?).await?;
     let bus = env.bus("builder").await?;
-    let ctx = AgentContext { role: Role::Builder, bus, metrics: Metrics::new(), shutdown: CancellationToken::new() };
+    let ctx = AgentContext {
+        role: Role::Builder,
+        bus,
+        metrics: Metrics::new(),
+        shutdown: CancellationToken::new(),
+    };
     Ok(Setup { env, def, ctx })
 }
 
@@ -75,14 +86,35 @@ async fn publish_one(env: &BusEnv) -> Result<u64> {
     let cli = env.bus("cli").await?;
     let rid = ReleaseId::generate();
     let spec = sample_spec("staging", "web", "web:v1");
-    let event = Event::new(rid, EventKey::Once, Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) }), cli.source(), "t", "");
-    let subject = EventSubject::new("staging".parse()?, "web".parse()?, rid, EventType::ReleaseRequested);
+    let event = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) }),
+        cli.source(),
+        "t",
+        "",
+    );
+    let subject = EventSubject::new(
+        "staging".parse()?,
+        "web".parse()?,
+        rid,
+        EventType::ReleaseRequested,
+    );
     Ok(cli.publish(&subject, &event).await?.0)
 }
 
 /// Runs the consumer until `done` holds, then stops it.
-async fn run_until(setup: &Setup, handler: Arc<Scripted>, what: &str, done: impl Fn(&Scripted) -> bool) -> Result<()> {
-    let task = tokio::spawn(runtime::run_consumer(setup.ctx.clone(), setup.def.clone(), handler.clone()));
+async fn run_until(
+    setup: &Setup,
+    handler: Arc<Scripted>,
+    what: &str,
+    done: impl Fn(&Scripted) -> bool,
+) -> Result<()> {
+    let task = tokio::spawn(runtime::run_consumer(
+        setup.ctx.clone(),
+        setup.def.clone(),
+        handler.clone(),
+    ));
     let result = eventually(what, Duration::from_secs(60), || {
         let ok = done(&handler);
         async move { Ok(ok.then_some(())) }
@@ -96,28 +128,52 @@ async fn run_until(setup: &Setup, handler: Arc<Scripted>, what: &str, done: impl
 async fn ack_floor(setup: &Setup) -> Result<u64> {
     let admin = setup.env.bus("admin").await?;
     let stream = admin.jetstream().get_stream(&setup.def.stream).await?;
-    Ok(stream.consumer_info(&setup.def.durable).await?.ack_floor.stream_sequence)
+    Ok(stream
+        .consumer_info(&setup.def.durable)
+        .await?
+        .ack_floor
+        .stream_sequence)
 }
 
 async fn long_work_is_kept_alive_by_in_progress_acks_and_not_redelivered() -> Result<()> {
     // Work lasting three ack waits.
     let setup = setup(Duration::from_secs(1), 5).await?;
     let seq = publish_one(&setup.env).await?;
-    let handler = Arc::new(Scripted { deliveries: Mutex::default(), calls: AtomicUsize::new(0), work: Duration::from_secs(3), script: vec![] });
+    let handler = Arc::new(Scripted {
+        deliveries: Mutex::default(),
+        calls: AtomicUsize::new(0),
+        work: Duration::from_secs(3),
+        script: vec![],
+    });
     let floor = {
-        let task = tokio::spawn(runtime::run_consumer(setup.ctx.clone(), setup.def.clone(), handler.clone()));
-        let floor = eventually("the long work to be acked", Duration::from_secs(30), || async {
-            let f = ack_floor(&setup).await?;
-            Ok((f >= seq).then_some(f))
-        })
+        let task = tokio::spawn(runtime::run_consumer(
+            setup.ctx.clone(),
+            setup.def.clone(),
+            handler.clone(),
+        ));
+        let floor = eventually(
+            "the long work to be acked",
+            Duration::from_secs(30),
+            || async {
+                let f = ack_floor(&setup).await?;
+                Ok((f >= seq).then_some(f))
+            },
+        )
         .await;
         setup.ctx.shutdown.cancel();
         let _ = task.await;
         floor?
     };
     ensure!(floor >= seq);
-    let deliveries = handler.deliveries.lock().map(|d| d.clone()).unwrap_or_default();
-    ensure!(deliveries == [1], "the message was delivered {deliveries:?} times; in-progress acks did not hold it");
+    let deliveries = handler
+        .deliveries
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
+    ensure!(
+        deliveries == [1],
+        "the message was delivered {deliveries:?} times; in-progress acks did not hold it"
+    );
     Ok(())
 }
 
@@ -128,13 +184,26 @@ async fn a_retryable_failure_is_redelivered_and_then_handled() -> Result<()> {
         deliveries: Mutex::default(),
         calls: AtomicUsize::new(0),
         work: Duration::ZERO,
-        script: vec![Err(HandlerError::Retry("cluster unreachable".into())), Ok(())],
+        script: vec![
+            Err(HandlerError::Retry("cluster unreachable".into())),
+            Ok(()),
+        ],
     });
-    run_until(&setup, handler.clone(), "a second delivery", |h| h.calls.load(Ordering::SeqCst) >= 2).await?;
-    let deliveries = handler.deliveries.lock().map(|d| d.clone()).unwrap_or_default();
+    run_until(&setup, handler.clone(), "a second delivery", |h| {
+        h.calls.load(Ordering::SeqCst) >= 2
+    })
+    .await?;
+    let deliveries = handler
+        .deliveries
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
     ensure!(deliveries == [1, 2], "deliveries {deliveries:?}");
     ensure!(
-        setup.ctx.metrics.counter("baton_events_handled_total", &[("consumer", &setup.def.durable), ("outcome", "retry")]) == 1.0,
+        setup.ctx.metrics.counter(
+            "baton_events_handled_total",
+            &[("consumer", &setup.def.durable), ("outcome", "retry")]
+        ) == 1.0,
         "the retry was not counted"
     );
     Ok(())
@@ -153,8 +222,16 @@ async fn dead_letter_reasons(env: &BusEnv, count: usize) -> Result<Vec<String>> 
     let mut messages = consumer.messages().await?;
     let mut reasons = Vec::new();
     while reasons.len() < count {
-        let m = tokio::time::timeout(Duration::from_secs(30), messages.next()).await?.ok_or_else(|| anyhow::anyhow!("ended"))??;
-        reasons.push(m.headers.as_ref().and_then(|h| h.get("Baton-Dlq-Reason")).map(|v| v.to_string()).unwrap_or_default());
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("ended"))??;
+        reasons.push(
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get("Baton-Dlq-Reason"))
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+        );
     }
     Ok(reasons)
 }
@@ -166,13 +243,21 @@ async fn a_permanent_failure_is_dead_lettered_with_the_handler_reason() -> Resul
         deliveries: Mutex::default(),
         calls: AtomicUsize::new(0),
         work: Duration::ZERO,
-        script: vec![Err(HandlerError::Permanent("namespace web does not exist".into()))],
+        script: vec![Err(HandlerError::Permanent(
+            "namespace web does not exist".into(),
+        ))],
     });
-    run_until(&setup, handler.clone(), "the handler to run", |h| h.calls.load(Ordering::SeqCst) >= 1).await?;
+    run_until(&setup, handler.clone(), "the handler to run", |h| {
+        h.calls.load(Ordering::SeqCst) >= 1
+    })
+    .await?;
     let reasons = dead_letter_reasons(&setup.env, 1).await?;
     ensure!(reasons[0] == "namespace web does not exist", "{reasons:?}");
     // Terminated: never delivered again.
-    ensure!(ack_floor(&setup).await? >= seq, "the dead-lettered message is still pending");
+    ensure!(
+        ack_floor(&setup).await? >= seq,
+        "the dead-lettered message is still pending"
+    );
     Ok(())
 }
 
@@ -185,9 +270,18 @@ async fn a_failure_that_never_clears_is_dead_lettered_after_the_last_delivery() 
         work: Duration::ZERO,
         script: vec![Err(HandlerError::Retry("registry unreachable".into())); 10],
     });
-    run_until(&setup, handler.clone(), "three deliveries", |h| h.calls.load(Ordering::SeqCst) >= 3).await?;
+    run_until(&setup, handler.clone(), "three deliveries", |h| {
+        h.calls.load(Ordering::SeqCst) >= 3
+    })
+    .await?;
     let reasons = dead_letter_reasons(&setup.env, 1).await?;
-    ensure!(reasons[0] == "gave up after 3 deliveries: registry unreachable", "{reasons:?}");
-    ensure!(handler.calls.load(Ordering::SeqCst) == 3, "delivered after the last allowed delivery");
+    ensure!(
+        reasons[0] == "gave up after 3 deliveries: registry unreachable",
+        "{reasons:?}"
+    );
+    ensure!(
+        handler.calls.load(Ordering::SeqCst) == 3,
+        "delivered after the last allowed delivery"
+    );
     Ok(())
 }
