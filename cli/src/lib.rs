@@ -2,12 +2,16 @@
 //! follow them, query history and metrics, and set up the bus.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use baton_core::bus::{Bus, InitialConnect, NatsArgs};
 use baton_core::busconfig::{self, Definitions};
 
+mod config;
 mod credentials;
+mod history;
+mod release;
 
 /// Baton: event-driven release agents for Kubernetes over NATS.
 #[derive(Debug, clap::Parser)]
@@ -21,9 +25,32 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Request a release of APP in an environment; with --wait, follow it to its end
+    Release(release::ReleaseArgs),
+    /// Where a release is: status, step, timings, failure
+    Status(release::StatusArgs),
+    /// Every event of a release with its details and timings
+    Logs(release::LogsArgs),
+    /// Roll APP back to its previous revision in an environment
+    Rollback(release::RollbackArgs),
+    /// Past releases, newest first
+    History(history::HistoryArgs),
+    /// Delivery metrics (DORA and more) over a window
+    Metrics(history::MetricsArgs),
+    /// App and environment configuration: validate, apply (versioned), show, history, rollback
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Set up the bus: streams, consumers, KV buckets and object stores
     #[command(subcommand)]
     Bus(BusCommand),
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -51,15 +78,29 @@ pub enum BusCommand {
 }
 
 impl Cli {
-    /// Runs the command; the error says what went wrong in words a person can act on.
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// Runs the command and says how the process should exit; the error says what went wrong
+    /// in words a person can act on.
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
         match self.command {
-            Command::Bus(BusCommand::Apply { dir, user }) => {
-                bus_apply(&self.nats, dir, &user).await
-            }
-            Command::Bus(BusCommand::Credentials { out, force }) => credentials::write(&out, force),
+            Command::Release(args) => release::release(&self.nats, args).await,
+            Command::Status(args) => done(release::status(&self.nats, args).await),
+            Command::Logs(args) => done(release::logs(&self.nats, args).await),
+            Command::Rollback(args) => release::rollback(&self.nats, args).await,
+            Command::History(args) => done(history::history(&self.nats, args).await),
+            Command::Metrics(args) => done(history::metrics(&self.nats, args).await),
+            Command::Config(cmd) => done(config::run(&self.nats, cmd).await),
+            Command::Bus(BusCommand::Apply { dir, user }) => done(bus_apply(&self.nats, dir, &user).await),
+            Command::Bus(BusCommand::Credentials { out, force }) => done(credentials::write(&out, force)),
         }
     }
+}
+
+/// Connects as the CLI's own NATS user, failing at once with a clear error.
+pub async fn connect(nats: &NatsArgs) -> anyhow::Result<Bus> {
+    Bus::connect(nats, "cli", source(), InitialConnect::FailFast)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", nats.url))
 }
 
 fn source() -> baton_core::bus::Source {

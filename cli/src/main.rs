@@ -8,7 +8,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     baton_core::telemetry::init_with_default(baton_core::telemetry::LogFormat::Plain, "warn");
     match cli.run().await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("baton: {e:#}");
             ExitCode::FAILURE

@@ -56,6 +56,11 @@ impl AgentArgs {
         })
     }
 
+    /// A client for the agent's cluster, from `--kubeconfig` or `--in-cluster`.
+    pub async fn kube_client(&self) -> Result<kube::Client, crate::cluster::ClusterError> {
+        crate::cluster::client(self.kubeconfig.as_deref(), self.in_cluster).await
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         validate_dns_label("cluster name", &self.cluster).map_err(|e| format!("--cluster: {e}"))?;
         if let Some(k) = &self.kubeconfig {

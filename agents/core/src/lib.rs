@@ -19,6 +19,7 @@ pub use fold::{fold, ReleaseState, Status};
 pub use ids::EventKey;
 pub use names::{AppName, EnvName, ReleaseId};
 pub mod agent;
+pub mod cluster;
 pub mod bus;
 pub mod busconfig;
 pub mod error;

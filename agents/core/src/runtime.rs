@@ -25,6 +25,8 @@ use crate::bus::Bus;
 use crate::busconfig::ConsumerDef;
 use crate::error::{Error, Result};
 use crate::event::{Event, Role};
+use crate::ids::EventKey;
+use baton_proto::v1::envelope::Payload;
 use crate::metrics::{names, Metrics};
 use crate::subject::{self, EventSubject};
 
@@ -81,6 +83,50 @@ pub struct AgentContext {
     pub bus: Bus,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
+}
+
+impl AgentContext {
+    /// Publishes an event of the same release, environment and app as `cause`, caused by it and
+    /// on behalf of the same actor. `key` makes its id deterministic: handling `cause` again
+    /// publishes nothing new.
+    pub async fn emit(&self, cause: &Delivery, key: EventKey<'_>, payload: Payload) -> Result<Event> {
+        self.emit_for(&cause.subject, &cause.event, key, payload).await
+    }
+
+    /// As [`emit`](Self::emit), for a release known by its subject parts and the event to name
+    /// as the cause.
+    pub async fn emit_for(
+        &self,
+        release: &EventSubject,
+        cause: &Event,
+        key: EventKey<'_>,
+        payload: Payload,
+    ) -> Result<Event> {
+        let event = Event::new(
+            release.release_id,
+            key,
+            payload,
+            self.bus.source(),
+            cause.envelope.actor.clone(),
+            cause.envelope.id.clone(),
+        );
+        let subject = EventSubject::new(release.env.clone(), release.app.clone(), release.release_id, event.event_type);
+        let (_, duplicate) = self.bus.publish(&subject, &event).await?;
+        self.metrics.inc(names::EVENTS_PUBLISHED, &[("type", event.event_type.as_str())]);
+        if duplicate {
+            tracing::debug!(event_type = %event.event_type, "already published");
+        } else {
+            tracing::info!(event_type = %event.event_type, event_id = %event.id(), "published");
+        }
+        Ok(event)
+    }
+
+    /// The release's whole history, folded.
+    pub async fn release_state(&self, release_id: crate::names::ReleaseId) -> Result<(Vec<Event>, crate::fold::ReleaseState)> {
+        let events = self.bus.release_history(release_id).await?;
+        let state = crate::fold::fold(&events);
+        Ok((events, state))
+    }
 }
 
 /// Runs one consumer until shutdown. Re-establishes its message stream after errors (a broker
