@@ -64,6 +64,10 @@ pub enum BusCommand {
         /// The NATS user to act as (its `<user>.nk` is taken from --credentials)
         #[arg(long = "as", default_value = "admin")]
         user: String,
+        /// Also create the per-cluster consumers of the deployer, health-checker and rollback
+        /// agents for this cluster (repeatable; each agent creates its own at start as well)
+        #[arg(long = "cluster")]
+        clusters: Vec<String>,
     },
     /// Make a NATS credential (nkey) for every Baton user: `<user>.nk` seeds for the CLI and the
     /// agents, and `nkeys.env` with the public keys nats-server.conf reads (BATON_NKEY_<USER>)
@@ -90,7 +94,9 @@ impl Cli {
             Command::History(args) => done(history::history(&self.nats, args).await),
             Command::Metrics(args) => done(history::metrics(&self.nats, args).await),
             Command::Config(cmd) => done(config::run(&self.nats, cmd).await),
-            Command::Bus(BusCommand::Apply { dir, user }) => done(bus_apply(&self.nats, dir, &user).await),
+            Command::Bus(BusCommand::Apply { dir, user, clusters }) => {
+                done(bus_apply(&self.nats, dir, &user, &clusters).await)
+            }
             Command::Bus(BusCommand::Credentials { out, force }) => done(credentials::write(&out, force)),
         }
     }
@@ -111,7 +117,16 @@ fn source() -> baton_core::bus::Source {
     }
 }
 
-async fn bus_apply(nats: &NatsArgs, dir: Option<PathBuf>, user: &str) -> anyhow::Result<()> {
+async fn bus_apply(
+    nats: &NatsArgs,
+    dir: Option<PathBuf>,
+    user: &str,
+    clusters: &[String],
+) -> anyhow::Result<()> {
+    for c in clusters {
+        baton_core::names::validate_dns_label("cluster name", c)
+            .map_err(|e| anyhow::anyhow!("--cluster: {e}"))?;
+    }
     let defs = match &dir {
         Some(d) => Definitions::load(d)?,
         None => Definitions::embedded()?,
@@ -119,7 +134,7 @@ async fn bus_apply(nats: &NatsArgs, dir: Option<PathBuf>, user: &str) -> anyhow:
     let bus = Bus::connect(nats, user, source(), InitialConnect::FailFast)
         .await
         .with_context(|| format!("connecting to NATS as {user}"))?;
-    let report = busconfig::apply(bus.jetstream(), &defs).await?;
+    let report = busconfig::apply(bus.jetstream(), &defs, clusters).await?;
     for change in &report.changes {
         println!("{change}");
     }

@@ -218,7 +218,7 @@ async fn apply_bus(sandbox: &Sandbox, bus_config_dir: &std::path::Path) -> anyho
     )
     .await?;
     let defs = baton_core::busconfig::Definitions::load(bus_config_dir)?;
-    let report = baton_core::busconfig::apply(bus.jetstream(), &defs).await?;
+    let report = baton_core::busconfig::apply(bus.jetstream(), &defs, &["sandbox".to_owned()]).await?;
     info!(changes = report.changed(), "bus applied");
     Ok(())
 }

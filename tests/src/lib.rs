@@ -46,6 +46,9 @@ pub fn target_bin(name: &str) -> Result<PathBuf> {
         })
 }
 
+/// The cluster name the agents of the tests serve (`--cluster`).
+pub const CLUSTER: &str = "sandbox";
+
 /// A nats-server of its own with Baton's bus applied.
 pub struct BusEnv {
     pub sandbox: Sandbox,
@@ -58,7 +61,7 @@ impl BusEnv {
             .context("starting nats-server")?;
         let env = BusEnv { sandbox };
         let admin = env.bus("admin").await?;
-        busconfig::apply(admin.jetstream(), &Definitions::embedded()?)
+        busconfig::apply(admin.jetstream(), &Definitions::embedded()?, &[CLUSTER.to_owned()])
             .await
             .context("applying the bus")?;
         Ok(env)
@@ -120,7 +123,7 @@ impl AgentProcess {
             "--http-addr",
             &http.to_string(),
             "--cluster",
-            "sandbox",
+            CLUSTER,
         ]);
         for (k, v) in bus.process_env() {
             spec = spec.env(k, v);

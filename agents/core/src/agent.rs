@@ -109,7 +109,7 @@ pub async fn run(args: AgentArgs, agent: Agent) -> Result<()> {
     // The streams may not exist yet (`baton bus apply` runs beside the agents): wait for them.
     let defs = Definitions::embedded()?;
     let consumers = loop {
-        match busconfig::ensure_consumers(bus.jetstream(), &defs, role).await {
+        match busconfig::ensure_consumers(bus.jetstream(), &defs, role, &args.cluster).await {
             Ok(c) => break c,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot set up consumers yet; retrying");
@@ -126,6 +126,7 @@ pub async fn run(args: AgentArgs, agent: Agent) -> Result<()> {
     consumers_ready.store(true, Ordering::Relaxed);
     let ctx = AgentContext {
         role,
+        cluster: args.cluster.clone(),
         bus: bus.clone(),
         metrics,
         shutdown: shutdown.clone(),

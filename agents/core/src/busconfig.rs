@@ -72,6 +72,10 @@ struct AgentConsumersFile {
     agent: String,
     stream: String,
     events: Vec<String>,
+    /// Consumers of an agent bound to one cluster are per cluster (`<agent>-<cluster>-<type>`):
+    /// a deployer serving cluster A must never take, and drop, a message meant for cluster B.
+    #[serde(default)]
+    per_cluster: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,12 +117,30 @@ pub struct ConsumerDef {
     pub agent: Role,
     pub stream: String,
     pub durable: String,
+    /// Instantiated once per cluster (see [`ConsumerDef::for_cluster`]).
+    pub per_cluster: bool,
+    /// The end of the durable name: the event type with dashes, or `all`.
+    pub suffix: String,
     /// `None` for a consumer of every event.
     pub event_type: Option<EventType>,
     pub config: Value,
 }
 
 impl ConsumerDef {
+    /// This consumer for one cluster: `<agent>-<cluster>-<type>`. Shared consumers are returned
+    /// as they are.
+    pub fn for_cluster(&self, cluster: &str) -> ConsumerDef {
+        if !self.per_cluster {
+            return self.clone();
+        }
+        let mut def = self.clone();
+        def.durable = format!("{}-{cluster}-{}", self.agent, self.suffix);
+        def.config["durable_name"] = Value::String(def.durable.clone());
+        let what = self.event_type.map_or("every event", |t| t.as_str());
+        def.config["description"] = Value::String(format!("{} in cluster {cluster} reacts to {what}", self.agent));
+        def
+    }
+
     pub fn pull_config(&self) -> Result<consumer::pull::Config> {
         serde_json::from_value(self.config.clone()).map_err(|e| Error::Definition {
             path: format!("consumer {}", self.durable),
@@ -262,6 +284,8 @@ impl Definitions {
                     agent,
                     stream: f.stream.clone(),
                     durable,
+                    per_cluster: f.per_cluster,
+                    suffix,
                     event_type,
                     config: Value::Object(config),
                 };
@@ -277,13 +301,26 @@ impl Definitions {
         })
     }
 
-    /// The consumers an agent runs.
-    pub fn consumers_for(&self, role: Role) -> Vec<ConsumerDef> {
+    /// The consumers an agent serving `cluster` runs.
+    pub fn consumers_for(&self, role: Role, cluster: &str) -> Vec<ConsumerDef> {
         self.consumers
             .iter()
             .filter(|c| c.agent == role)
-            .cloned()
+            .map(|c| c.for_cluster(cluster))
             .collect()
+    }
+
+    /// Every consumer: the shared ones, and the per-cluster ones for each of `clusters`.
+    pub fn concrete_consumers(&self, clusters: &[String]) -> Vec<ConsumerDef> {
+        let mut out = Vec::new();
+        for c in &self.consumers {
+            if c.per_cluster {
+                out.extend(clusters.iter().map(|cl| c.for_cluster(cl)));
+            } else {
+                out.push(c.clone());
+            }
+        }
+        out
     }
 }
 
@@ -357,8 +394,9 @@ fn to_value<T: serde::Serialize>(kind: &'static str, name: &str, v: &T) -> Resul
     })
 }
 
-/// Creates or updates every definition on the server.
-pub async fn apply(js: &jetstream::Context, defs: &Definitions) -> Result<ApplyReport> {
+/// Creates or updates every definition on the server; per-cluster consumers for each of
+/// `clusters` (agents also create their own at start).
+pub async fn apply(js: &jetstream::Context, defs: &Definitions, clusters: &[String]) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
     for (name, desired) in &defs.streams {
         let action = apply_stream(js, name, desired).await?;
@@ -368,7 +406,7 @@ pub async fn apply(js: &jetstream::Context, defs: &Definitions) -> Result<ApplyR
             action,
         });
     }
-    for c in &defs.consumers {
+    for c in &defs.concrete_consumers(clusters) {
         let action = apply_consumer(js, c).await?;
         report.changes.push(Change {
             kind: "consumer",
@@ -598,8 +636,9 @@ pub async fn ensure_consumers(
     js: &jetstream::Context,
     defs: &Definitions,
     role: Role,
+    cluster: &str,
 ) -> Result<Vec<ConsumerDef>> {
-    let mine = defs.consumers_for(role);
+    let mine = defs.consumers_for(role, cluster);
     for def in &mine {
         let err = |message: String| Error::Consumer {
             stream: def.stream.clone(),
@@ -641,7 +680,7 @@ mod tests {
         let defs = Definitions::embedded().unwrap();
         assert!(defs.streams.contains_key("BATON_EVENTS"));
         assert!(defs.streams.contains_key("BATON_DLQ"));
-        let builder = defs.consumers_for(Role::Builder);
+        let builder = defs.consumers_for(Role::Builder, "c1");
         assert_eq!(builder.len(), 1);
         assert_eq!(builder[0].durable, "builder-release-requested");
         assert_eq!(
@@ -649,12 +688,12 @@ mod tests {
             "baton.v1.events.*.*.*.release.requested"
         );
         assert_eq!(builder[0].config["ack_policy"], "explicit");
-        let metrics = defs.consumers_for(Role::Metrics);
+        let metrics = defs.consumers_for(Role::Metrics, "c1");
         assert_eq!(metrics[0].durable, "metrics-all");
         assert_eq!(metrics[0].event_type, None);
         for role in Role::AGENTS {
             assert!(
-                !defs.consumers_for(role).is_empty(),
+                !defs.consumers_for(role, "c1").is_empty(),
                 "{role} has no consumers"
             );
         }
@@ -663,6 +702,23 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), defs.consumers.len());
+    }
+
+    #[test]
+    fn cluster_bound_agents_have_consumers_of_their_own_per_cluster() {
+        let defs = Definitions::embedded().unwrap();
+        let a = defs.consumers_for(Role::Deployer, "eu-west");
+        let b = defs.consumers_for(Role::Deployer, "us-east");
+        assert!(a.iter().any(|c| c.durable == "deployer-eu-west-build-succeeded"));
+        assert!(b.iter().any(|c| c.durable == "deployer-us-east-build-succeeded"));
+        assert_eq!(a[0].config["durable_name"], a[0].durable.as_str());
+        // The builder and metrics agents share one consumer across clusters.
+        assert_eq!(defs.consumers_for(Role::Builder, "eu-west"), defs.consumers_for(Role::Builder, "us-east"));
+        let all = defs.concrete_consumers(&["x".into(), "y".into()]);
+        assert_eq!(
+            all.len(),
+            defs.consumers.iter().map(|c| if c.per_cluster { 2 } else { 1 }).sum::<usize>()
+        );
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct AgentContext {
     pub role: Role,
+    /// The cluster this agent serves (`--cluster`).
+    pub cluster: String,
     pub bus: Bus,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,

@@ -257,10 +257,12 @@ async fn every_agent_consumes_its_events_and_stops_cleanly_on_sigterm() -> Resul
         let subject =
             baton_core::subject::EventSubject::new("staging".parse()?, "web".parse()?, rid, t);
         owner.publish(&subject, &event).await?;
-        let consumer = if agent.name == "metrics" {
-            "metrics-all".to_string()
-        } else {
-            format!("{}-{}", agent.name, t.as_str().replace('.', "-"))
+        let suffix = t.as_str().replace('.', "-");
+        let consumer = match agent.name.as_str() {
+            "metrics" => "metrics-all".to_string(),
+            "builder" => format!("builder-{suffix}"),
+            // Cluster-bound agents have consumers of their own per cluster.
+            name => format!("{name}-{}-{suffix}", baton_tests::CLUSTER),
         };
         agent
             .wait_metric(

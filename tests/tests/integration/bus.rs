@@ -308,7 +308,7 @@ async fn stream_events_and_consumers_survive_kill_9_of_nats_and_a_connected_agen
         info.state
     );
     let defs = baton_core::busconfig::Definitions::embedded()?;
-    for c in &defs.consumers {
+    for c in &defs.concrete_consumers(&[baton_tests::CLUSTER.to_owned()]) {
         stream
             .consumer_info(&c.durable)
             .await

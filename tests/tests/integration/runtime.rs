@@ -65,7 +65,7 @@ struct Setup {
 async fn setup(ack_wait: Duration, max_deliver: i64) -> Result<Setup> {
     let env = BusEnv::start().await?;
     let mut def = Definitions::embedded()?
-        .consumers_for(Role::Builder)
+        .consumers_for(Role::Builder, baton_tests::CLUSTER)
         .remove(0);
     def.config["ack_wait"] = serde_json::json!(ack_wait.as_nanos() as u64);
     def.config["max_deliver"] = serde_json::json!(max_deliver);
@@ -75,6 +75,7 @@ async fn setup(ack_wait: Duration, max_deliver: i64) -> Result<Setup> {
     let bus = env.bus("builder").await?;
     let ctx = AgentContext {
         role: Role::Builder,
+        cluster: baton_tests::CLUSTER.into(),
         bus,
         metrics: Metrics::new(),
         shutdown: CancellationToken::new(),
