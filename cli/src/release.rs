@@ -1,8 +1,20 @@
-//! `baton release`, `status`, `logs`, `rollback`: requesting releases and following them.
+//! `baton release`, `status`, `logs`, `rollback`: requesting releases and following them live.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use baton_core::bus::NatsArgs;
+use anyhow::{anyhow, bail, Context};
+use async_nats::jetstream::consumer;
+use futures::StreamExt;
+
+use baton_core::bus::{Bus, NatsArgs, EVENTS_STREAM};
+use baton_core::config::{self, store, Overrides};
+use baton_core::event::{Event, EventType};
+use baton_core::fold::{fold, ReleaseState, Status};
+use baton_core::ids::EventKey;
+use baton_core::names::{AppName, EnvName, ReleaseId};
+use baton_core::subject::{self, EventSubject};
+use baton_proto::v1::{envelope::Payload, *};
 
 use crate::Output;
 
@@ -16,9 +28,21 @@ pub struct ReleaseArgs {
     /// The image to release (a tag or a digest)
     #[arg(long)]
     pub image: String,
+    /// The strategy, instead of the configured one: rolling, canary or blue-green
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// The source revision being released (for the history)
+    #[arg(long)]
+    pub commit: Option<String>,
+    /// When that revision was committed, RFC 3339 (for lead time): 2026-11-26T09:30:00Z
+    #[arg(long = "commit-time")]
+    pub commit_time: Option<String>,
     /// Follow the release to its end; exit 0 when it succeeded, 2 when rolled back, 1 when failed
     #[arg(long)]
     pub wait: bool,
+    /// Give up following after this long (e.g. 30m); the release itself goes on
+    #[arg(long, default_value = "60m")]
+    pub timeout: String,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -49,25 +73,429 @@ pub struct RollbackArgs {
     /// Why (kept in the history)
     #[arg(long, default_value = "requested by a person")]
     pub reason: String,
-    /// Follow the rollback to its end
+    /// Follow the rollback to its end; exit 0 when rolled back, 1 when it failed
     #[arg(long)]
     pub wait: bool,
+    #[arg(long, default_value = "60m")]
+    pub timeout: String,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
 
-pub async fn release(_nats: &NatsArgs, _args: ReleaseArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("release: work in progress")
+/// Who is asking: `BATON_ACTOR` (CI sets it), else the user and host.
+pub fn actor() -> String {
+    std::env::var("BATON_ACTOR").ok().filter(|a| !a.trim().is_empty()).unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+        format!("{user}@{host}")
+    })
 }
 
-pub async fn status(_nats: &NatsArgs, _args: StatusArgs) -> anyhow::Result<()> {
-    anyhow::bail!("status: work in progress")
+fn parse_names(app: &str, env: &str) -> anyhow::Result<(AppName, EnvName)> {
+    Ok((AppName::new(app)?, EnvName::new(env)?))
 }
 
-pub async fn logs(_nats: &NatsArgs, _args: LogsArgs) -> anyhow::Result<()> {
-    anyhow::bail!("logs: work in progress")
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    config::parse_duration_ms(text).map(Duration::from_millis).map_err(|e| anyhow!("{text:?}: {e}"))
 }
 
-pub async fn rollback(_nats: &NatsArgs, _args: RollbackArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("rollback: work in progress")
+/// Parses RFC 3339 (`2026-11-26T09:30:00Z`, `…+02:00`, fractions allowed).
+pub fn parse_rfc3339(text: &str) -> anyhow::Result<SystemTime> {
+    let bad = || anyhow!("{text:?} is not an RFC 3339 time such as 2026-11-26T09:30:00Z");
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| text.get(r).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
+    let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return Err(bad());
+    }
+    let mut rest = &text[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
+            let oh: i64 = rest[1..3].parse().map_err(|_| bad())?;
+            let om: i64 = rest[4..6].parse().map_err(|_| bad())?;
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => return Err(bad()),
+    };
+    // Days from civil (Howard Hinnant).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + s - offset;
+    u64::try_from(secs).map(|s| UNIX_EPOCH + Duration::from_secs(s)).map_err(|_| bad())
+}
+
+pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitCode> {
+    let (app, env) = parse_names(&args.app, &args.env)?;
+    let strategy = match &args.strategy {
+        Some(s) => Some(config::parse_strategy(s).ok_or_else(|| anyhow!("--strategy {s:?}: use rolling, canary or blue-green"))?),
+        None => None,
+    };
+    let commit_time = args.commit_time.as_deref().map(parse_rfc3339).transpose().context("--commit-time")?;
+    let timeout = parse_duration(&args.timeout).context("--timeout")?;
+    let bus = crate::connect(nats).await?;
+    let (revision, cfg, _) = store::current(&bus)
+        .await?
+        .ok_or_else(|| anyhow!("no configuration has been applied yet: run `baton config apply FILE` first"))?;
+    let cfg = cfg.with_revision(revision);
+    let overrides = Overrides { image: args.image.clone(), strategy, commit: args.commit.clone(), commit_time };
+    let spec = cfg
+        .resolve(app.as_str(), env.as_str(), &overrides)
+        .map_err(|e| anyhow!("cannot release {app} to {env}:\n{e}"))?;
+    let rid = ReleaseId::generate();
+    let event = Event::new(rid, EventKey::Once, Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec.clone()) }), bus.source(), actor(), "");
+    bus.publish(&EventSubject::new(env.clone(), app.clone(), rid, EventType::ReleaseRequested), &event)
+        .await
+        .context("publishing the release request")?;
+    match args.output {
+        Output::Json if !args.wait => println!("{}", serde_json::json!({"release_id": rid.to_string()})),
+        Output::Json => {}
+        Output::Text => println!("release {rid} requested: {app} {} to {env} ({})", spec.image, describe_strategy(spec.strategy)),
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow(&bus, rid, args.output, timeout).await
+}
+
+fn describe_strategy(strategy: i32) -> &'static str {
+    Strategy::try_from(strategy).map(config::strategy_name).unwrap_or("rolling")
+}
+
+pub async fn rollback(nats: &NatsArgs, args: RollbackArgs) -> anyhow::Result<ExitCode> {
+    let (app, env) = parse_names(&args.app, &args.env)?;
+    let timeout = parse_duration(&args.timeout).context("--timeout")?;
+    let bus = crate::connect(nats).await?;
+    let (_, cfg, _) = store::current(&bus)
+        .await?
+        .ok_or_else(|| anyhow!("no configuration has been applied yet: run `baton config apply FILE` first"))?;
+    let environment = cfg.environments().get(env.as_str()).ok_or_else(|| {
+        anyhow!("unknown environment {env}; configured: {}", cfg.environments().keys().cloned().collect::<Vec<_>>().join(", "))
+    })?;
+    if !cfg.apps().contains_key(app.as_str()) {
+        bail!("unknown app {app}; configured: {}", cfg.apps().keys().cloned().collect::<Vec<_>>().join(", "));
+    }
+    let rid = ReleaseId::generate();
+    let request = RollbackRequested {
+        app: app.to_string(),
+        env: env.to_string(),
+        namespace: environment.namespace.clone(),
+        cluster: environment.cluster.clone(),
+        reason: args.reason.clone(),
+        target_release_id: String::new(),
+    };
+    let event = Event::new(rid, EventKey::Once, Payload::RollbackRequested(request), bus.source(), actor(), "");
+    bus.publish(&EventSubject::new(env.clone(), app.clone(), rid, EventType::RollbackRequested), &event)
+        .await
+        .context("publishing the rollback request")?;
+    match args.output {
+        Output::Json if !args.wait => println!("{}", serde_json::json!({"release_id": rid.to_string()})),
+        Output::Json => {}
+        Output::Text => println!("rollback {rid} requested: {app} in {env}"),
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow(&bus, rid, args.output, timeout).await
+}
+
+/// The exit code of an ended release: 0 succeeded, 2 rolled back, 1 failed. A manual rollback
+/// that rolled back succeeded at what it was asked.
+fn exit_code(state: &ReleaseState) -> ExitCode {
+    match state.status() {
+        Status::Succeeded => ExitCode::SUCCESS,
+        Status::RolledBack if state.rollback_request.is_some() => ExitCode::SUCCESS,
+        Status::RolledBack => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Prints each event of the release as it happens, with a progress line during long waits,
+/// until the release ends.
+async fn follow(bus: &Bus, rid: ReleaseId, output: Output, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let stream = bus.jetstream().get_stream(EVENTS_STREAM).await.context("opening the event stream")?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject::release_events(rid),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("following the release")?;
+    let mut messages = consumer.messages().await.context("following the release")?;
+    let mut events: Vec<Event> = Vec::new();
+    let start = Instant::now();
+    let mut last_event = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            m = messages.next() => {
+                let m = m.ok_or_else(|| anyhow!("the event stream ended"))?.context("reading the event stream")?;
+                let Ok(s) = EventSubject::parse(&m.subject) else { continue };
+                let Ok(event) = Event::decode(&m.payload, Some(s.event_type), Some(&rid.to_string())) else { continue };
+                last_event = Instant::now();
+                let t0 = events.first().map(|e| e.time_ms()).unwrap_or(event.time_ms());
+                match output {
+                    Output::Text => println!("{:>8}  {:<26} {}", offset(event.time_ms() - t0), event.event_type.as_str(), describe(&event)),
+                    Output::Json => println!("{}", event_json(&event)),
+                }
+                events.push(event);
+                let state = fold(&events);
+                if state.status().is_terminal() {
+                    if output == Output::Text {
+                        println!("release {rid} {}{}", state.status(), state.terminal_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
+                    }
+                    return Ok(exit_code(&state));
+                }
+            }
+            _ = ticker.tick() => {
+                if start.elapsed() > timeout {
+                    bail!("gave up following release {rid} after {}s; it goes on: `baton status {rid}`", timeout.as_secs());
+                }
+                if last_event.elapsed() >= Duration::from_secs(10) && output == Output::Text {
+                    let state = fold(&events);
+                    println!("{:>8}  … {} ({})", offset(start.elapsed().as_millis() as i64), state.status(), waiting_for(&state));
+                }
+            }
+        }
+    }
+}
+
+/// What a release is waiting for, in words.
+fn waiting_for(state: &ReleaseState) -> &'static str {
+    match state.status() {
+        Status::Pending => "waiting for the agents to pick it up",
+        Status::Queued => "waiting for the release in flight to end",
+        Status::Building => "waiting for the image to resolve",
+        Status::Deploying { .. } if state.failure.is_some() => "waiting for the rollback agent",
+        Status::Deploying { .. } => "waiting for the new pods to become ready",
+        Status::Analysing { .. } => "analysing the new pods",
+        Status::Paused { .. } => "paused until resumed",
+        Status::RollingBack => "waiting for the previous revision to become available",
+        _ => "done",
+    }
+}
+
+fn offset(ms: i64) -> String {
+    format!("+{:.1}s", ms as f64 / 1000.0)
+}
+
+fn time_text(ms: i64) -> String {
+    store::rfc3339(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+}
+
+/// One line about an event, for people.
+pub fn describe(event: &Event) -> String {
+    let Some(payload) = event.payload() else { return String::new() };
+    match payload {
+        Payload::ReleaseRequested(r) => r.spec.as_ref().map_or(String::new(), |s| {
+            format!("{} {} to {} ({}, namespace {}) by {}", s.app, s.image, s.env, describe_strategy(s.strategy), s.namespace, event.envelope.actor)
+        }),
+        Payload::ReleaseAbortRequested(r) => format!("by {}: {}", event.envelope.actor, r.reason),
+        Payload::ReleasePauseRequested(r) => format!("by {}: {}", event.envelope.actor, r.reason),
+        Payload::ReleaseResumeRequested(_) => format!("by {}", event.envelope.actor),
+        Payload::ReleasePromoteRequested(p) => format!("by {}{}", event.envelope.actor, if p.full { ", all the way" } else { "" }),
+        Payload::RollbackRequested(r) => format!("{} in {} by {}: {}", r.app, r.env, event.envelope.actor, r.reason),
+        Payload::BuildStarted(b) => format!("{} ({})", b.image, b.backend),
+        Payload::BuildSucceeded(b) => b.image_ref.clone(),
+        Payload::BuildFailed(b) => b.reason.clone(),
+        Payload::DeployStarted(d) => format!(
+            "{} replicas of {}; previous revision {} ({})",
+            d.replicas,
+            d.workload,
+            if d.previous_revision.is_empty() { "none" } else { &d.previous_revision },
+            d.previous_image
+        ),
+        Payload::DeployStepStarted(s) => format!("step {} at {}%", s.step, s.weight),
+        Payload::DeployStepReady(s) => format!(
+            "step {} at {}%: {} new pod(s) ready ({})",
+            s.step,
+            s.weight,
+            s.pods.len(),
+            s.pods.iter().map(|p| format!("{}@{}", p.name, p.ip)).collect::<Vec<_>>().join(", ")
+        ),
+        Payload::DeployCompleted(d) => format!("revision {} runs {}", d.revision, d.image_ref),
+        Payload::DeployFailed(d) => format!(
+            "step {}: {} ({})",
+            d.step,
+            d.reason,
+            FailureKind::try_from(d.kind).map(|k| k.as_str_name().trim_start_matches("FAILURE_KIND_").to_lowercase()).unwrap_or_default()
+        ),
+        Payload::ReleaseSucceeded(r) => r.image_ref.clone(),
+        Payload::ReleaseQueued(q) => format!("behind release {}", q.blocking_release_id),
+        Payload::ReleasePaused(p) => format!("at step {}: {}", p.step, p.reason),
+        Payload::ReleaseResumed(r) => format!("at step {}", r.step),
+        Payload::AnalysisStarted(a) => format!("step {}: {}", a.step, a.checks.join(", ")),
+        Payload::AnalysisPassed(a) => format!("step {}: {}", a.step, measurements(&a.measurements)),
+        Payload::AnalysisFailed(a) => format!("step {}: {} — {}", a.step, a.reason, measurements(&a.measurements)),
+        Payload::RollbackStarted(r) => format!("to revision {} ({}): {}", r.to_revision, r.to_image, r.reason),
+        Payload::RollbackCompleted(r) => format!("revision {} runs {}", r.restored_revision, r.restored_image),
+        Payload::RollbackFailed(r) => r.reason.clone(),
+        Payload::ReleaseRolledBack(r) => r.reason.clone(),
+        Payload::ReleaseFailed(r) => r.reason.clone(),
+    }
+}
+
+fn measurements(ms: &[Measurement]) -> String {
+    let shown: Vec<String> = ms
+        .iter()
+        .take(6)
+        .map(|m| format!("{} {} {}{}{}", m.check, m.target, if m.ok { "ok" } else { "FAILED" }, if m.unit.is_empty() { String::new() } else { format!(" {:.1}{}", m.value, m.unit) }, if m.detail.is_empty() { String::new() } else { format!(" ({})", m.detail) }))
+        .collect();
+    let more = ms.len().saturating_sub(shown.len());
+    format!("{}{}", shown.join("; "), if more > 0 { format!("; {more} more") } else { String::new() })
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    let source = e.envelope.source.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": e.envelope.id,
+        "release_id": e.envelope.release_id,
+        "type": e.event_type.as_str(),
+        "time": time_text(e.time_ms()),
+        "time_ms": e.time_ms(),
+        "source": {"agent": source.agent, "cluster": source.cluster, "instance": source.instance},
+        "actor": e.envelope.actor,
+        "causation_id": e.envelope.causation_id,
+        "detail": describe(e),
+    })
+}
+
+async fn history_of(nats: &NatsArgs, id: &str) -> anyhow::Result<(ReleaseId, Vec<Event>)> {
+    let rid = ReleaseId::parse(id).map_err(|e| anyhow!("{e}"))?;
+    let bus = crate::connect(nats).await?;
+    let events = bus.release_history(rid).await?;
+    if events.is_empty() {
+        bail!("no release {rid}: the event stream has no events of it");
+    }
+    Ok((rid, events))
+}
+
+pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
+    let (rid, events) = history_of(nats, &args.id).await?;
+    let state = fold(&events);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let spec = state.spec.clone().unwrap_or_default();
+    let (app, env) = match (&state.spec, &state.rollback_request) {
+        (Some(s), _) => (s.app.clone(), s.env.clone()),
+        (None, Some(r)) => (r.app.clone(), r.env.clone()),
+        _ => (String::new(), String::new()),
+    };
+    let last = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "release_id": rid.to_string(),
+                "app": app, "env": env,
+                "status": state.status().name(),
+                "step": state.current_step(), "weight": state.current_weight(),
+                "image": spec.image, "image_ref": state.image_ref,
+                "strategy": describe_strategy(spec.strategy),
+                "actor": state.actor,
+                "requested_at": state.requested_at_ms.map(time_text),
+                "started_at": state.started_at_ms.map(time_text),
+                "ended_at": state.ended_at_ms.map(time_text),
+                "duration_ms": state.duration_ms(now),
+                "previous_revision": state.previous_revision,
+                "failure": state.failure.as_ref().map(|f| serde_json::json!({"stage": f.stage.as_str(), "step": f.step, "reason": f.reason})),
+                "reason": state.terminal_reason,
+                "events": state.events,
+                "last_event": last,
+            })
+        ),
+        Output::Text => {
+            println!("release   {rid}");
+            println!("app       {app} in {env}");
+            println!("status    {}", state.status());
+            if !spec.image.is_empty() {
+                println!("image     {}{}", spec.image, state.image_ref.as_deref().map(|r| format!(" → {r}")).unwrap_or_default());
+                println!("strategy  {}", describe_strategy(spec.strategy));
+            }
+            if let (Some(step), Some(weight)) = (state.current_step(), state.current_weight()) {
+                println!("step      {step} at {weight}%");
+            }
+            println!("by        {}", state.actor);
+            if let Some(t) = state.requested_at_ms {
+                println!("requested {}", time_text(t));
+            }
+            if let Some(t) = state.ended_at_ms {
+                println!("ended     {}", time_text(t));
+            }
+            if let Some(d) = state.duration_ms(now) {
+                println!("duration  {:.1}s", d as f64 / 1000.0);
+            }
+            if let Some(prev) = &state.previous_revision {
+                println!("previous  revision {prev}{}", state.previous_image.as_deref().map(|i| format!(" ({i})")).unwrap_or_default());
+            }
+            if let Some(f) = &state.failure {
+                println!("failure   {}: {}", f.stage, f.reason);
+            }
+            if let Some(r) = &state.terminal_reason {
+                println!("reason    {r}");
+            }
+            if !state.status().is_terminal() {
+                println!("waiting   {}", waiting_for(&state));
+            }
+            println!("events    {} (last: {last}); all of them: baton logs {rid}", state.events);
+        }
+    }
+    Ok(())
+}
+
+pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<()> {
+    let (_, events) = history_of(nats, &args.id).await?;
+    let t0 = events.first().map(|e| e.time_ms()).unwrap_or(0);
+    match args.output {
+        Output::Json => {
+            let all: Vec<serde_json::Value> = events.iter().map(event_json).collect();
+            println!("{}", serde_json::Value::Array(all));
+        }
+        Output::Text => {
+            for e in &events {
+                let source = e.envelope.source.clone().unwrap_or_default();
+                println!(
+                    "{}  {:>8}  {:<26} {:<15} {}",
+                    time_text(e.time_ms()),
+                    offset(e.time_ms() - t0),
+                    e.event_type.as_str(),
+                    source.agent,
+                    describe(e)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_times_parse() {
+        let t = |s: &str| parse_rfc3339(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs());
+        assert_eq!(t("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(t("2026-11-26T09:30:00Z").unwrap(), 1_795_685_400);
+        assert_eq!(t("2026-11-26T11:30:00+02:00").unwrap(), 1_795_685_400);
+        assert_eq!(t("2026-11-26T09:30:00.250Z").unwrap(), 1_795_685_400);
+        for bad in ["yesterday", "2026-13-01T00:00:00Z", "2026-11-26 09:30", "2026-11-26T09:30:00"] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad}");
+        }
+        assert_eq!(store::rfc3339(parse_rfc3339("2026-11-26T09:30:00Z").unwrap()), "2026-11-26T09:30:00Z");
+    }
 }

@@ -11,6 +11,7 @@ pub mod compose;
 
 pub use compose::repo_root;
 pub mod harness;
+pub mod release;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,360 @@
+//! The deployer's reactions to events. Each is idempotent: it decides from the release's folded
+//! history and publishes with deterministic ids, so running it twice (after a crash) does no harm.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::consumer;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+
+use baton_core::bus::{EVENTS_STREAM, LOCKS_BUCKET};
+use baton_core::event::{timestamp_ms, Event, EventType};
+use baton_core::fold::ReleaseState;
+use baton_core::ids::EventKey;
+use baton_core::names::{AppName, EnvName, ReleaseId};
+use baton_core::rollout::{self, Rollout};
+use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::subject::EventSubject;
+use baton_proto::v1::{envelope::Payload, *};
+
+use crate::cluster;
+use crate::decide::{self, Next};
+use crate::error::{Error, Result};
+use crate::lock::{self, Lock};
+
+/// The default step timeout when the spec gives none.
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct Deployer {
+    pub client: kube::Client,
+    /// Releases this process is driving right now: a second trigger for the same release (its
+    /// build finishing while the lock is handed over) must not drive it twice at once.
+    driving: Arc<Mutex<HashSet<ReleaseId>>>,
+}
+
+impl Deployer {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client, driving: Arc::default() }
+    }
+}
+
+impl Handler for Deployer {
+    fn handle<'a>(&'a self, ctx: &'a AgentContext, d: Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move { self.on_event(ctx, d).await.map_err(HandlerError::from) })
+    }
+}
+
+/// Frees the in-process "driving" mark when the drive ends, however it ends.
+struct DrivingGuard(Arc<Mutex<HashSet<ReleaseId>>>, ReleaseId);
+
+impl Drop for DrivingGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.0.lock() {
+            set.remove(&self.1);
+        }
+    }
+}
+
+impl Deployer {
+    async fn on_event(&self, ctx: &AgentContext, d: Delivery) -> Result<()> {
+        let (events, state) = ctx.release_state(d.subject.release_id).await?;
+        if let Some(spec) = &state.spec {
+            if !spec.cluster.is_empty() && spec.cluster != ctx.cluster {
+                tracing::debug!(cluster = %spec.cluster, "release of another cluster");
+                return Ok(());
+            }
+        }
+        match d.event.event_type {
+            EventType::ReleaseRequested => self.on_requested(ctx, &d, &state).await,
+            EventType::BuildSucceeded => {
+                if self.lock_for(ctx, &d.subject, d.subject.release_id, &state).await? == Lock::Held {
+                    self.drive(ctx, &d.subject, &d.event, &events, state).await?;
+                }
+                Ok(())
+            }
+            EventType::AnalysisPassed => {
+                if decide::next(&state) == Next::Complete {
+                    self.complete(ctx, &d.subject, &d.event, &state).await?;
+                }
+                Ok(())
+            }
+            EventType::ReleaseSucceeded | EventType::ReleaseFailed | EventType::ReleaseRolledBack => {
+                self.on_ended(ctx, &d).await
+            }
+            // Manual control of progressive strategies; a rolling release has no steps to hold.
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_requested(&self, ctx: &AgentContext, d: &Delivery, state: &ReleaseState) -> Result<()> {
+        if state.terminal.is_some() {
+            return Ok(());
+        }
+        match self.lock_for(ctx, &d.subject, d.subject.release_id, state).await? {
+            Lock::Held => {
+                tracing::info!("lock taken; the release goes ahead once built");
+                Ok(())
+            }
+            Lock::HeldBy(other) => {
+                tracing::info!(blocking = %other, "another release of this app is in flight; queued");
+                ctx.emit(d, EventKey::Once, Payload::ReleaseQueued(ReleaseQueued { blocking_release_id: other }))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes the app's lock for `release`, freeing it first if its holder has already ended.
+    async fn lock_for(&self, ctx: &AgentContext, subject: &EventSubject, release: ReleaseId, state: &ReleaseState) -> Result<Lock> {
+        if state.terminal.is_some() {
+            return Ok(Lock::HeldBy(String::new()));
+        }
+        let store = ctx.bus.kv(LOCKS_BUCKET).await?;
+        let key = lock::key(subject.env.as_str(), subject.app.as_str());
+        match lock::acquire(&store, &key, release).await? {
+            Lock::HeldBy(holder) => {
+                let ended = match ReleaseId::parse(&holder) {
+                    Ok(h) => ctx.release_state(h).await?.1.terminal.is_some(),
+                    Err(_) => true,
+                };
+                if ended {
+                    tracing::warn!(%holder, "the lock's holder has ended; taking the lock over");
+                    lock::release_stale(&store, &key, &holder).await?;
+                    lock::acquire(&store, &key, release).await
+                } else {
+                    Ok(Lock::HeldBy(holder))
+                }
+            }
+            held => Ok(held),
+        }
+    }
+
+    /// Carries the release as far as it can go now: pre-checks, then the step that is due.
+    async fn drive(&self, ctx: &AgentContext, subject: &EventSubject, cause: &Event, events: &[Event], state: ReleaseState) -> Result<()> {
+        let rid = subject.release_id;
+        {
+            let Ok(mut set) = self.driving.lock() else { return Ok(()) };
+            if !set.insert(rid) {
+                tracing::debug!("already driving this release");
+                return Ok(());
+            }
+        }
+        let _guard = DrivingGuard(self.driving.clone(), rid);
+        let mut state = state;
+        let mut events = events.to_vec();
+        loop {
+            let next = decide::next(&state);
+            tracing::debug!(?next, "next");
+            match next {
+                Next::Wait(why) => {
+                    tracing::debug!(why, "nothing to do now");
+                    return Ok(());
+                }
+                Next::Unsupported(strategy) => {
+                    let reason = format!("strategy {} is not supported by this deployer", strategy.as_str_name());
+                    self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason).await?;
+                    return Ok(());
+                }
+                Next::PreCheck => {
+                    let spec = state.spec.clone().ok_or(Error::NoSpec { release_id: rid.to_string() })?;
+                    match cluster::prechecks(&self.client, &spec).await? {
+                        Err(reason) => {
+                            self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason).await?;
+                            return Ok(());
+                        }
+                        Ok(checked) => {
+                            let image = checked
+                                .deployment
+                                .spec
+                                .template
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.containers.iter().find(|c| c.name == checked.container))
+                                .and_then(|c| c.image.clone())
+                                .unwrap_or_default();
+                            let revision = checked
+                                .deployment
+                                .metadata
+                                .annotations
+                                .as_ref()
+                                .and_then(|a| a.get(rollout::REVISION).cloned())
+                                .unwrap_or_default();
+                            ctx.emit_for(
+                                subject,
+                                cause,
+                                EventKey::Once,
+                                Payload::DeployStarted(DeployStarted {
+                                    strategy: Strategy::Rolling as i32,
+                                    previous_revision: revision,
+                                    previous_image: image,
+                                    workload: spec.app.clone(),
+                                    replicas: checked.deployment.spec.replicas.unwrap_or(1).max(0) as u32,
+                                }),
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                Next::Step { step, weight } => {
+                    if !self.step(ctx, subject, cause, &events, &state, step, weight).await? {
+                        return Ok(());
+                    }
+                }
+                Next::Complete => {
+                    self.complete(ctx, subject, cause, &state).await?;
+                    return Ok(());
+                }
+            }
+            events = ctx.bus.release_history(rid).await?;
+            state = baton_core::fold::fold(&events);
+        }
+    }
+
+    /// Runs one step: patch, follow the rollout, publish ready or failed. True when ready.
+    #[allow(clippy::too_many_arguments)]
+    async fn step(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        cause: &Event,
+        events: &[Event],
+        state: &ReleaseState,
+        step: u32,
+        weight: u32,
+    ) -> Result<bool> {
+        let rid = subject.release_id;
+        let spec = state.spec.clone().ok_or(Error::NoSpec { release_id: rid.to_string() })?;
+        let image_ref = state.image_ref.clone().unwrap_or_default();
+        let started_event = match events.iter().find(|e| {
+            matches!(e.payload(), Some(Payload::DeployStepStarted(s)) if s.step == step)
+        }) {
+            Some(e) => e.clone(),
+            None => ctx.emit_for(subject, cause, EventKey::Step(step), Payload::DeployStepStarted(DeployStepStarted { step, weight })).await?,
+        };
+        // The step's deadline counts from its event, so a restarted deployer keeps it.
+        let started = started_event
+            .envelope
+            .time
+            .as_ref()
+            .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_ms(t).max(0) as u64))
+            .unwrap_or_else(SystemTime::now);
+        let container = cluster::prechecks(&self.client, &spec).await?.map(|c| c.container).unwrap_or_else(|_| spec.container.clone());
+        cluster::apply_image(&self.client, &spec, &container, &image_ref, &rid.to_string()).await?;
+        let timeout = match spec.step_timeout_seconds {
+            0 => DEFAULT_STEP_TIMEOUT,
+            s => Duration::from_secs(u64::from(s)),
+        };
+        let outcome = rollout::wait(&self.client, &spec.namespace, &spec.app, started, timeout, &ctx.shutdown, |msg| {
+            tracing::info!(step, progress = msg, "rolling out");
+        })
+        .await?;
+        match outcome {
+            Rollout::Complete { pods, revision } => {
+                tracing::info!(step, %revision, pods = pods.len(), "step ready");
+                ctx.emit_for(subject, cause, EventKey::Step(step), Payload::DeployStepReady(DeployStepReady { step, weight, pods }))
+                    .await?;
+                Ok(true)
+            }
+            Rollout::Failed(problem) => {
+                let kind = problem.kind;
+                self.fail(ctx, subject, cause, step, kind, true, problem.reason).await?;
+                Ok(false)
+            }
+            Rollout::Progressing(_) => Ok(false),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fail(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        cause: &Event,
+        step: u32,
+        kind: FailureKind,
+        cluster_changed: bool,
+        reason: String,
+    ) -> Result<()> {
+        tracing::warn!(step, %reason, "deploy failed");
+        ctx.emit_for(subject, cause, EventKey::Once, Payload::DeployFailed(DeployFailed { step, reason, kind: kind as i32, cluster_changed }))
+            .await?;
+        Ok(())
+    }
+
+    async fn complete(&self, ctx: &AgentContext, subject: &EventSubject, cause: &Event, state: &ReleaseState) -> Result<()> {
+        let image_ref = state.image_ref.clone().unwrap_or_default();
+        let spec = state.spec.clone().ok_or(Error::NoSpec { release_id: subject.release_id.to_string() })?;
+        let revision = rollout::snapshot(&self.client, &spec.namespace, &spec.app)
+            .await?
+            .deployment
+            .and_then(|d| d.metadata.annotations.and_then(|a| a.get(rollout::REVISION).cloned()))
+            .unwrap_or_default();
+        ctx.emit_for(subject, cause, EventKey::Once, Payload::DeployCompleted(DeployCompleted { revision, image_ref: image_ref.clone() }))
+            .await?;
+        ctx.emit_for(subject, cause, EventKey::Once, Payload::ReleaseSucceeded(ReleaseSucceeded { image_ref })).await?;
+        Ok(())
+    }
+
+    /// A release ended: free its lock and start the next queued release of the app, if any.
+    async fn on_ended(&self, ctx: &AgentContext, d: &Delivery) -> Result<()> {
+        let store = ctx.bus.kv(LOCKS_BUCKET).await?;
+        let key = lock::key(d.subject.env.as_str(), d.subject.app.as_str());
+        if lock::release(&store, &key, d.subject.release_id).await? {
+            tracing::info!("lock freed");
+        }
+        for candidate in app_releases(ctx, &d.subject.env, &d.subject.app).await? {
+            if candidate == d.subject.release_id {
+                continue;
+            }
+            let (events, state) = ctx.release_state(candidate).await?;
+            if state.terminal.is_some() || state.spec.as_ref().is_some_and(|s| !s.cluster.is_empty() && s.cluster != ctx.cluster) {
+                continue;
+            }
+            let subject = EventSubject::new(d.subject.env.clone(), d.subject.app.clone(), candidate, EventType::ReleaseRequested);
+            match self.lock_for(ctx, &subject, candidate, &state).await? {
+                Lock::Held => {
+                    tracing::info!(next = %candidate, "starting the next queued release");
+                    let cause = events.first().cloned().unwrap_or_else(|| d.event.clone());
+                    self.drive(ctx, &subject, &cause, &events, state).await?;
+                }
+                Lock::HeldBy(holder) => tracing::info!(%holder, "the app's lock is taken again"),
+            }
+            break;
+        }
+        Ok(())
+    }
+}
+
+/// The release ids of an app in an environment, in the order they were requested.
+async fn app_releases(ctx: &AgentContext, env: &EnvName, app: &AppName) -> Result<Vec<ReleaseId>> {
+    let err = |e: String| Error::Bus(baton_core::error::Error::Stream { stream: EVENTS_STREAM.into(), message: e });
+    let stream = ctx.bus.jetstream().get_stream(EVENTS_STREAM).await.map_err(|e| err(e.to_string()))?;
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("baton.v1.events.{env}.{app}.*.release.requested"),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let pending = consumer.info().await.map_err(|e| err(e.to_string()))?.num_pending;
+    let mut ids = Vec::new();
+    if pending == 0 {
+        return Ok(ids);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.map_err(|_| err("timed out".into()))? {
+        let m = m.map_err(|e| err(e.to_string()))?;
+        if let Ok(s) = EventSubject::parse(&m.subject) {
+            if !ids.contains(&s.release_id) {
+                ids.push(s.release_id);
+            }
+        }
+        if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
+            break;
+        }
+    }
+    Ok(ids)
+}

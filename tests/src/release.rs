@@ -1,0 +1,176 @@
+//! A whole Baton for end-to-end tests: a namespace with a running Deployment, a nats-server with
+//! the bus, the five agents as real processes, a configuration applied with the real `baton`, and
+//! helpers to run `baton` commands and read a release's events.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::PostParams;
+use kube::Api;
+
+use baton_core::event::{Event, EventType};
+use baton_core::names::ReleaseId;
+
+use crate::cluster::{deployment, shared, ClusterInfo, TestNamespace};
+use crate::{target_bin, AgentProcess, BusEnv, CLUSTER};
+
+pub const AGENTS: [&str; 5] = ["builder", "deployer", "health-checker", "rollback", "metrics"];
+pub const PORT: i32 = 8080;
+
+/// Everything an end-to-end test needs; dropped at the end of the test.
+pub struct Baton {
+    pub cluster: ClusterInfo,
+    pub ns: TestNamespace,
+    pub bus: BusEnv,
+    pub agents: Vec<AgentProcess>,
+    pub app: String,
+    pub env: String,
+    /// Images are `<registry>/<repo>:<tag>`.
+    pub repo: String,
+}
+
+/// The configuration the tests apply: environment `test` (the test's namespace), environment
+/// `ghost` (a namespace that does not exist), app `web` with an HTTP health check.
+pub fn config_yaml(namespace: &str, analysis: &str) -> String {
+    format!(
+        r#"environments:
+  test:
+    cluster: {CLUSTER}
+    namespace: {namespace}
+  ghost:
+    cluster: {CLUSTER}
+    namespace: {namespace}-missing
+apps:
+  web:
+    container: app
+    port: {PORT}
+    strategy: rolling
+    rolling: {{max_surge: "1", max_unavailable: "0"}}
+    step_timeout: 60s
+    analysis: {analysis}
+    checks:
+      - name: health
+        http: {{path: /health, expect_status: 200, timeout: 2s, retries: 1, interval: 200ms}}
+"#
+    )
+}
+
+impl Baton {
+    /// Starts it all, with `web:v1` (healthy) running as a 2-replica Deployment.
+    pub async fn start(prefix: &str) -> Result<Baton> {
+        let cluster = shared()?;
+        let ns = TestNamespace::create(&cluster, prefix).await?;
+        let repo = format!("{}-web", ns.name);
+        let registry = cluster.registry()?;
+        registry.push_image(&repo, "v1", &[("BATON_SIM_HEALTH".into(), "ok".into())]).await?;
+        let client = cluster.client().await?;
+        let deployments: Api<Deployment> = Api::namespaced(client, &ns.name);
+        let v1 = format!("{}/{repo}:v1", cluster.registry);
+        deployments.create(&PostParams::default(), &deployment("web", &v1, 2, PORT, &[])).await?;
+        let available = kube::runtime::wait::await_condition(deployments.clone(), "web", |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(2)
+        });
+        tokio::time::timeout(Duration::from_secs(120), available).await.context("web:v1 never became available")??;
+
+        let bus = BusEnv::start().await?;
+        let kubeconfig = cluster.kubeconfig.display().to_string();
+        let mut agents = Vec::new();
+        for name in AGENTS {
+            let env = [("KUBECONFIG", kubeconfig.as_str()), ("BATON_PLAIN_HTTP_REGISTRIES", cluster.registry.as_str())];
+            agents.push(AgentProcess::start(&bus, name, &env, bus.sandbox.dir()).await?);
+        }
+        let baton = Baton { cluster, ns, bus, agents, app: "web".into(), env: "test".into(), repo };
+        baton.apply_config(&config_yaml(&baton.ns.name, "{duration: 3s, interval: 1s, failure_limit: 0}")).await?;
+        Ok(baton)
+    }
+
+    pub async fn apply_config(&self, yaml: &str) -> Result<()> {
+        let path = self.bus.sandbox.dir().join(format!("baton-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, yaml)?;
+        let out = self.baton(&["config", "apply", &path.display().to_string()]).await?;
+        ensure!(out.status.success(), "config apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    /// Pushes `<repo>:<tag>` with the given simulated behaviour; returns its reference and digest.
+    pub async fn push(&self, tag: &str, env: &[(&str, &str)]) -> Result<(String, String)> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        let digest = self.cluster.registry()?.push_image(&self.repo, tag, &env).await?;
+        Ok((self.image(tag), digest))
+    }
+
+    pub fn image(&self, tag: &str) -> String {
+        format!("{}/{}:{tag}", self.cluster.registry, self.repo)
+    }
+
+    /// Runs the real `baton` CLI against this Baton.
+    pub async fn baton(&self, args: &[&str]) -> Result<Output> {
+        Ok(tokio::process::Command::new(target_bin("baton")?)
+            .args(args)
+            .envs(self.bus.process_env())
+            .env("BATON_ACTOR", "e2e-test")
+            .kill_on_drop(true)
+            .output()
+            .await?)
+    }
+
+    /// `baton release web --env test --image IMAGE [--wait]`; returns the exit code, the
+    /// release id and the output.
+    pub async fn release(&self, image: &str, wait: bool) -> Result<(i32, ReleaseId, String)> {
+        let mut args = vec!["release", self.app.as_str(), "--env", self.env.as_str(), "--image", image, "--timeout", "5m"];
+        if wait {
+            args.push("--wait");
+        }
+        let out = self.baton(&args).await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let rid = stdout
+            .split_whitespace()
+            .find_map(|w| ReleaseId::parse(w.trim_end_matches(':')).ok())
+            .with_context(|| format!("no release id in the output: {stdout}{stderr}"))?;
+        Ok((out.status.code().unwrap_or(-1), rid, format!("{stdout}{stderr}")))
+    }
+
+    /// The release's events, in stream order.
+    pub async fn events(&self, rid: ReleaseId) -> Result<Vec<Event>> {
+        Ok(self.bus.bus("cli").await?.release_history(rid).await?)
+    }
+
+    pub async fn types(&self, rid: ReleaseId) -> Result<Vec<EventType>> {
+        Ok(self.events(rid).await?.iter().map(|e| e.event_type).collect())
+    }
+
+    pub async fn deployment(&self) -> Result<Deployment> {
+        let client = self.cluster.client().await?;
+        Ok(Api::<Deployment>::namespaced(client, &self.ns.name).get("web").await?)
+    }
+
+    /// The image of the Deployment's `app` container.
+    pub async fn deployed_image(&self) -> Result<String> {
+        let d = self.deployment().await?;
+        Ok(d.spec
+            .template
+            .spec
+            .and_then(|s| s.containers.into_iter().find(|c| c.name == "app"))
+            .and_then(|c| c.image)
+            .unwrap_or_default())
+    }
+
+    pub fn agent(&mut self, name: &str) -> Result<&mut AgentProcess> {
+        self.agents.iter_mut().find(|a| a.name == name).with_context(|| format!("no agent {name}"))
+    }
+
+    /// Log folder of the agents (kept with the nats-server's).
+    pub fn log_dir(&self) -> PathBuf {
+        self.bus.sandbox.dir().to_path_buf()
+    }
+}
+
+/// Whether `wanted` appears in `types` in this order (other events may come between).
+pub fn in_order(types: &[EventType], wanted: &[EventType]) -> bool {
+    let mut it = types.iter();
+    wanted.iter().all(|w| it.any(|t| t == w))
+}
