@@ -1,0 +1,848 @@
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::*;
+
+const FULL: &str = r#"
+environments:
+  staging:
+    cluster: sandbox
+    namespace: shop-staging
+    strategy: rolling
+  production:
+    cluster: prod-eu
+    namespace: shop
+    rollback_on_failure: true
+apps:
+  web:
+    container: app
+    port: 8080
+    strategy: canary
+    rolling: {max_surge: "25%", max_unavailable: "0"}
+    canary: {steps: [{weight: 10}, {weight: 50, pause: 5m}, {weight: 100, pause: until-promoted}]}
+    blue_green: {scale_down_delay: 5m, post_promotion_analysis: true}
+    step_timeout: 5m
+    analysis: {duration: 30s, interval: 5s, failure_limit: 1}
+    checks:
+      - name: health
+        http: {path: /health, expect_status: 200, body_contains: ok, timeout: 2s, retries: 3, interval: 1s, url: "", port: 8080}
+      - name: p95
+        latency: {path: /health, requests: 50, percentile: 95, threshold: 250ms, max_error_rate: 0.01}
+      - name: smoke
+        smoke: {argv: ["/usr/local/bin/smoke", "--quick"], timeout: 30s}
+    build: {argv: ["make", "image", "TAG={image}"], timeout: 15m}
+    ingress: web
+    environments:
+      production: {analysis: {duration: 2m}, step_timeout: 10m}
+  api:
+    port: 9000
+"#;
+
+/// A small valid file; tests append to it or replace parts of it.
+const BASE: &str = "environments:
+  staging: {cluster: sandbox, namespace: shop-staging}
+  production: {cluster: prod-eu, namespace: shop}
+apps:
+  web:
+";
+
+fn image() -> Overrides {
+    Overrides {
+        image: "registry.example.com/web:v2".into(),
+        ..Default::default()
+    }
+}
+
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// Asserts that `text` is refused with a problem at `path` whose message contains `message`.
+#[track_caller]
+fn refused(text: &str, path: &str, message: &str) {
+    let found = problems(text);
+    let prefix = if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
+    };
+    let shown: String = text.chars().take(2000).collect();
+    assert!(
+        found
+            .iter()
+            .any(|p| p.starts_with(&prefix) && p.contains(message)),
+        "expected a problem `{prefix}…{message}…` for\n{shown}\nfound: {found:#?}"
+    );
+}
+
+fn app_field(extra: &str) -> String {
+    format!("{BASE}    {}\n", extra.replace('\n', "\n    "))
+}
+
+#[test]
+fn the_full_example_parses_and_resolves_every_field() {
+    let config = parse(FULL).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.environments().keys().collect::<Vec<_>>(),
+        ["production", "staging"]
+    );
+    assert_eq!(config.apps().keys().collect::<Vec<_>>(), ["api", "web"]);
+
+    let spec = config.resolve("web", "production", &image()).unwrap();
+    assert_eq!(spec.app, "web");
+    assert_eq!(spec.env, "production");
+    assert_eq!(spec.cluster, "prod-eu");
+    assert_eq!(spec.namespace, "shop");
+    assert_eq!(spec.image, "registry.example.com/web:v2");
+    assert_eq!(spec.container, "app");
+    assert_eq!(spec.port, 8080);
+    assert_eq!(spec.strategy, Strategy::Canary as i32);
+    assert!(spec.rollback_on_failure);
+    assert_eq!(
+        spec.step_timeout_seconds, 600,
+        "production overrides 5m with 10m"
+    );
+    let analysis = spec.analysis.unwrap();
+    assert_eq!(
+        (
+            analysis.duration_seconds,
+            analysis.interval_seconds,
+            analysis.failure_limit
+        ),
+        (120, 5, 1),
+        "the override's duration is merged with the app's interval and failure limit"
+    );
+    let rolling = spec.rolling.clone().unwrap();
+    assert_eq!(
+        (rolling.max_surge.as_str(), rolling.max_unavailable.as_str()),
+        ("25%", "0")
+    );
+    let steps = spec.canary.clone().unwrap().steps;
+    assert_eq!(
+        steps,
+        vec![
+            CanaryStep {
+                weight: 10,
+                pause_seconds: 0,
+                pause_until_promoted: false
+            },
+            CanaryStep {
+                weight: 50,
+                pause_seconds: 300,
+                pause_until_promoted: false
+            },
+            CanaryStep {
+                weight: 100,
+                pause_seconds: 0,
+                pause_until_promoted: true
+            },
+        ]
+    );
+    assert!(
+        spec.blue_green.is_none(),
+        "only the chosen strategy's parameters are carried"
+    );
+    assert_eq!(spec.checks.len(), 3);
+    assert_eq!(
+        spec.checks[0],
+        Check {
+            name: "health".into(),
+            kind: Some(check::Kind::Http(HttpCheck {
+                path: "/health".into(),
+                expect_status: 200,
+                body_contains: "ok".into(),
+                timeout_ms: 2000,
+                retries: 3,
+                interval_ms: 1000,
+                url: String::new(),
+                port: 8080,
+            })),
+        }
+    );
+    assert_eq!(
+        spec.checks[1].kind,
+        Some(check::Kind::Latency(LatencyCheck {
+            path: "/health".into(),
+            requests: 50,
+            percentile: 95.0,
+            threshold_ms: 250,
+            max_error_rate: 0.01,
+            port: 8080,
+        }))
+    );
+    assert_eq!(
+        spec.checks[2].kind,
+        Some(check::Kind::Smoke(SmokeCheck {
+            argv: vec!["/usr/local/bin/smoke".into(), "--quick".into()],
+            timeout_ms: 30_000,
+        }))
+    );
+    assert_eq!(
+        spec.build,
+        Some(BuildParams {
+            argv: vec!["make".into(), "image".into(), "TAG={image}".into()],
+            timeout_seconds: 900,
+        })
+    );
+    assert_eq!(spec.ingress, "web");
+    assert_eq!(spec.config_revision, 0);
+    assert!(crate::validate::release_spec(&spec).is_ok());
+}
+
+#[test]
+fn defaults_fill_what_the_file_leaves_out() {
+    let config = parse(BASE).unwrap();
+    let spec = config.resolve("web", "staging", &image()).unwrap();
+    assert_eq!(
+        spec.container, "web",
+        "the container defaults to the app name"
+    );
+    assert_eq!(spec.port, 8080);
+    assert_eq!(spec.strategy, Strategy::Rolling as i32);
+    assert!(spec.rollback_on_failure);
+    assert_eq!(spec.step_timeout_seconds, 300);
+    let rolling = spec.rolling.unwrap();
+    assert_eq!(
+        (rolling.max_surge.as_str(), rolling.max_unavailable.as_str()),
+        ("25%", "0")
+    );
+    assert_eq!(
+        spec.analysis,
+        Some(AnalysisParams {
+            duration_seconds: 30,
+            interval_seconds: 5,
+            failure_limit: 1
+        })
+    );
+    assert!(spec.checks.is_empty());
+    assert!(
+        spec.build.is_none(),
+        "no build: the pushed image is resolved"
+    );
+    assert!(spec.canary.is_none() && spec.blue_green.is_none());
+    assert_eq!(spec.ingress, "");
+
+    let canary = config
+        .resolve(
+            "web",
+            "staging",
+            &Overrides {
+                strategy: Some(Strategy::Canary),
+                ..image()
+            },
+        )
+        .unwrap();
+    let weights: Vec<u32> = canary
+        .canary
+        .unwrap()
+        .steps
+        .iter()
+        .map(|s| s.weight)
+        .collect();
+    assert_eq!(weights, DEFAULT_CANARY_WEIGHTS);
+
+    let bg = config
+        .resolve(
+            "web",
+            "staging",
+            &Overrides {
+                strategy: Some(Strategy::BlueGreen),
+                ..image()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        bg.blue_green,
+        Some(BlueGreenParams {
+            scale_down_delay_seconds: 300,
+            post_promotion_analysis: false
+        })
+    );
+}
+
+#[test]
+fn check_defaults_and_check_ports_follow_the_app_port() {
+    let text = app_field(
+        "port: 9000\nchecks:\n  - name: h\n    http: {}\n  - name: l\n    latency: {threshold: 1s, port: 9100}\n  - name: s\n    smoke: {argv: [/bin/true]}",
+    );
+    let spec = parse(&text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .resolve("web", "staging", &image())
+        .unwrap();
+    assert_eq!(
+        spec.checks[0].kind,
+        Some(check::Kind::Http(HttpCheck {
+            path: "/".into(),
+            expect_status: 200,
+            body_contains: String::new(),
+            timeout_ms: 2000,
+            retries: 3,
+            interval_ms: 1000,
+            url: String::new(),
+            port: 9000,
+        }))
+    );
+    assert_eq!(
+        spec.checks[1].kind,
+        Some(check::Kind::Latency(LatencyCheck {
+            path: "/".into(),
+            requests: 20,
+            percentile: 95.0,
+            threshold_ms: 1000,
+            max_error_rate: 0.0,
+            port: 9100,
+        }))
+    );
+    assert_eq!(
+        spec.checks[2].kind,
+        Some(check::Kind::Smoke(SmokeCheck {
+            argv: vec!["/bin/true".into()],
+            timeout_ms: 30_000
+        }))
+    );
+}
+
+/// App strategy, environment strategy, the app's override for the environment, the request's
+/// strategy, and the strategy that results.
+type Layers = (
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<Strategy>,
+    Strategy,
+);
+
+#[test]
+fn layers_apply_in_order_app_then_environment_then_app_environment_then_request() {
+    // (app strategy, environment strategy, app override for the environment, request) → result
+    let table: &[Layers] = &[
+        (None, None, None, None, Strategy::Rolling),
+        (Some("canary"), None, None, None, Strategy::Canary),
+        (
+            Some("canary"),
+            Some("blue-green"),
+            None,
+            None,
+            Strategy::BlueGreen,
+        ),
+        (None, Some("blue-green"), None, None, Strategy::BlueGreen),
+        (
+            Some("canary"),
+            Some("blue-green"),
+            Some("rolling"),
+            None,
+            Strategy::Rolling,
+        ),
+        (
+            Some("canary"),
+            Some("blue-green"),
+            Some("rolling"),
+            Some(Strategy::Canary),
+            Strategy::Canary,
+        ),
+        (
+            None,
+            None,
+            None,
+            Some(Strategy::BlueGreen),
+            Strategy::BlueGreen,
+        ),
+        (
+            Some("blue-green"),
+            None,
+            None,
+            Some(Strategy::Unspecified),
+            Strategy::BlueGreen,
+        ),
+    ];
+    for (app, env, app_env, request, want) in table {
+        let mut text =
+            String::from("environments:\n  staging:\n    cluster: sandbox\n    namespace: s\n");
+        if let Some(e) = env {
+            text.push_str(&format!("    strategy: {e}\n"));
+        }
+        text.push_str("apps:\n  web:\n    port: 8080\n");
+        if let Some(a) = app {
+            text.push_str(&format!("    strategy: {a}\n"));
+        }
+        if let Some(o) = app_env {
+            text.push_str(&format!(
+                "    environments:\n      staging: {{strategy: {o}}}\n"
+            ));
+        }
+        let config = parse(&text).unwrap_or_else(|e| panic!("{text}\n{e}"));
+        let spec = config
+            .resolve(
+                "web",
+                "staging",
+                &Overrides {
+                    strategy: *request,
+                    ..image()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            spec.strategy, *want as i32,
+            "app {app:?}, env {env:?}, app-env {app_env:?}, request {request:?}"
+        );
+    }
+}
+
+#[test]
+fn environment_overrides_touch_only_their_environment_and_merge_nested_settings() {
+    let text = "environments:
+  staging: {cluster: sandbox, namespace: s, rollback_on_failure: false}
+  production: {cluster: prod, namespace: p}
+apps:
+  web:
+    port: 8080
+    rolling: {max_surge: 1, max_unavailable: \"10%\"}
+    analysis: {duration: 1m, interval: 10s, failure_limit: 2}
+    checks:
+      - {name: a, http: {path: /a}}
+    environments:
+      production:
+        port: 8443
+        rolling: {max_unavailable: 0}
+        analysis: {failure_limit: 0}
+        checks:
+          - {name: b, http: {path: /b}}
+";
+    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    let staging = config.resolve("web", "staging", &image()).unwrap();
+    let production = config.resolve("web", "production", &image()).unwrap();
+
+    assert!(
+        !staging.rollback_on_failure,
+        "the environment turns rollback off"
+    );
+    assert!(production.rollback_on_failure, "on by default");
+    assert_eq!((staging.port, production.port), (8080, 8443));
+    assert_eq!(
+        staging
+            .rolling
+            .as_ref()
+            .map(|r| (r.max_surge.as_str(), r.max_unavailable.as_str())),
+        Some(("1", "10%"))
+    );
+    assert_eq!(
+        production
+            .rolling
+            .as_ref()
+            .map(|r| (r.max_surge.as_str(), r.max_unavailable.as_str())),
+        Some(("1", "0"))
+    );
+    assert_eq!(
+        production.analysis,
+        Some(AnalysisParams {
+            duration_seconds: 60,
+            interval_seconds: 10,
+            failure_limit: 0
+        })
+    );
+    let names = |s: &ReleaseSpec| s.checks.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&staging), ["a"]);
+    assert_eq!(names(&production), ["b"], "lists are replaced whole");
+    let port = |s: &ReleaseSpec| match &s.checks[0].kind {
+        Some(check::Kind::Http(h)) => h.port,
+        _ => 0,
+    };
+    assert_eq!((port(&staging), port(&production)), (8080, 8443));
+}
+
+#[test]
+fn request_overrides_set_the_image_commit_and_commit_time() {
+    let config = parse(BASE).unwrap().with_revision(7);
+    let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let spec = config
+        .resolve(
+            "web",
+            "production",
+            &Overrides {
+                image: "web:v3".into(),
+                strategy: None,
+                commit: Some("abc123".into()),
+                commit_time: Some(at),
+            },
+        )
+        .unwrap();
+    assert_eq!(spec.image, "web:v3");
+    assert_eq!(spec.commit, "abc123");
+    assert_eq!(spec.commit_time.map(|t| t.seconds), Some(1_700_000_000));
+    assert_eq!(spec.config_revision, 7);
+}
+
+#[test]
+fn resolving_an_unknown_app_or_environment_names_the_known_ones() {
+    let config = parse(BASE).unwrap();
+    let e = config.resolve("shop", "staging", &image()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "app: no app \"shop\" in the configuration (known: web)"
+    );
+    let e = config.resolve("web", "prod", &image()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "environment: no environment \"prod\" in the configuration (known: production, staging)"
+    );
+    let e = config.resolve("shop", "prod", &image()).unwrap_err();
+    assert_eq!(e.len(), 2, "both are named: {e}");
+}
+
+#[test]
+fn a_bad_image_in_the_request_is_refused_by_the_release_spec_check() {
+    let config = parse(BASE).unwrap();
+    for image in ["", "Web:v1", "web:v1;rm -rf /"] {
+        let e = config
+            .resolve(
+                "web",
+                "staging",
+                &Overrides {
+                    image: image.into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("spec.image"), "{image:?}: {e}");
+    }
+}
+
+#[test]
+fn every_validation_rule_names_its_field() {
+    let env = |extra: &str| {
+        format!("environments:\n  staging: {{cluster: sandbox, namespace: s{extra}}}\napps: {{}}\n")
+    };
+    let table: Vec<(String, &str, &str)> = vec![
+        // the file as a whole
+        ("".into(), "", "the file is empty"),
+        ("[1, 2]".into(), "", "must be a mapping"),
+        ("environments: {a: {cluster: c, namespace: n}}\nversion: 2\n".into(), "version", "unknown field"),
+        ("apps: {}\n".into(), "environments", "required"),
+        ("environments: {}\n".into(), "environments", "at least one environment"),
+        ("environments: [a]\n".into(), "environments", "mapping of names"),
+        ("environments: {a: {cluster: c, namespace: n}}\napps: [web]\n".into(), "apps", "mapping of names"),
+        ("a: [\n".into(), "", "not valid YAML"),
+        // environments
+        ("environments:\n  Prod: {cluster: c, namespace: n}\n".into(), "environments.Prod", "not a DNS label"),
+        ("environments:\n  staging: {namespace: n}\n".into(), "environments.staging.cluster", "required"),
+        ("environments:\n  staging: {cluster: c}\n".into(), "environments.staging.namespace", "required"),
+        ("environments:\n  staging:\n".into(), "environments.staging.cluster", "required"),
+        (env(", colour: blue"), "environments.staging.colour", "unknown field"),
+        ("environments:\n  staging: {cluster: Sandbox, namespace: n}\n".into(), "environments.staging.cluster", "not a DNS label"),
+        ("environments:\n  staging: {cluster: c, namespace: shop_staging}\n".into(), "environments.staging.namespace", "not a DNS label"),
+        (format!("environments:\n  staging: {{cluster: c, namespace: {}}}\n", "a".repeat(64)), "environments.staging.namespace", "longer than 63"),
+        (env(", rollback_on_failure: yes"), "environments.staging.rollback_on_failure", "true or false"),
+        (env(", strategy: big-bang"), "environments.staging.strategy", "unknown strategy"),
+        ("environments:\n  staging: 3\n".into(), "environments.staging", "must be a mapping"),
+        // apps
+        (format!("{BASE}  Web: {{}}\n"), "apps.Web", "not a DNS label"),
+        (app_field("colour: blue"), "apps.web.colour", "unknown field"),
+        (app_field("container: App"), "apps.web.container", "not a DNS label"),
+        (app_field("ingress: web_in"), "apps.web.ingress", "not a DNS label"),
+        (app_field("port: 0"), "apps.web.port", "TCP port"),
+        (app_field("port: 70000"), "apps.web.port", "TCP port"),
+        (app_field("port: \"80\""), "apps.web.port", "TCP port"),
+        (app_field("strategy: recreate"), "apps.web.strategy", "unknown strategy"),
+        (app_field("step_timeout: 5"), "apps.web.step_timeout", "duration"),
+        (app_field("step_timeout: 5 minutes"), "apps.web.step_timeout", "not a duration"),
+        (app_field("step_timeout: 1500ms"), "apps.web.step_timeout", "whole number of seconds"),
+        (app_field("step_timeout: 0s"), "apps.web.step_timeout", "longer than 0"),
+        // rolling
+        (app_field("rolling: {max_surge: \"125%\"}"), "apps.web.rolling.max_surge", "percentage"),
+        (app_field("rolling: {max_surge: \"-1\"}"), "apps.web.rolling.max_surge", "percentage"),
+        (app_field("rolling: {max_unavailable: lots}"), "apps.web.rolling.max_unavailable", "percentage"),
+        (app_field("rolling: {max_unavailable: 0.5}"), "apps.web.rolling.max_unavailable", "percentage"),
+        (app_field("rolling: {max_surge: 1, surge: 2}"), "apps.web.rolling.surge", "unknown field"),
+        (app_field("rolling: {max_surge: 0, max_unavailable: \"0%\"}"), "apps.web.rolling", "cannot both be 0"),
+        // canary
+        (app_field("canary: {}"), "apps.web.canary.steps", "required"),
+        (app_field("canary: {steps: []}"), "apps.web.canary.steps", "must not be empty"),
+        (app_field("canary: {steps: [{weight: 0}]}"), "apps.web.canary.steps[0].weight", "from 1 to 100"),
+        (app_field("canary: {steps: [{weight: 101}]}"), "apps.web.canary.steps[0].weight", "from 1 to 100"),
+        (app_field("canary: {steps: [{weight: 50}, {weight: 20}]}"), "apps.web.canary.steps[1].weight", "weights must increase"),
+        (app_field("canary: {steps: [{weight: 50}, {weight: 50}]}"), "apps.web.canary.steps[1].weight", "weights must increase"),
+        (app_field("canary: {steps: [{pause: 5m}]}"), "apps.web.canary.steps[0].weight", "required"),
+        (app_field("canary: {steps: [{weight: 10, pause: forever}]}"), "apps.web.canary.steps[0].pause", "not a duration"),
+        (app_field("canary: {steps: [{weight: 10, pause: 5}]}"), "apps.web.canary.steps[0].pause", "until-promoted"),
+        (app_field("canary: {steps: [{weight: 10, hold: 5m}]}"), "apps.web.canary.steps[0].hold", "unknown field"),
+        // blue-green
+        (app_field("blue_green: {scale_down_delay: soon}"), "apps.web.blue_green.scale_down_delay", "not a duration"),
+        (app_field("blue_green: {post_promotion_analysis: 1}"), "apps.web.blue_green.post_promotion_analysis", "true or false"),
+        // analysis
+        (app_field("analysis: {interval: 0s}"), "apps.web.analysis.interval", "longer than 0"),
+        (app_field("analysis: {failure_limit: -1}"), "apps.web.analysis.failure_limit", "whole number"),
+        (app_field("analysis: {duration: 10s, interval: 20s}"), "apps.web.analysis", "longer than duration"),
+        (app_field("analysis: {count: 3}"), "apps.web.analysis.count", "unknown field"),
+        // checks
+        (app_field("checks: {name: x}"), "apps.web.checks", "list of checks"),
+        (app_field("checks: [{http: {}}]"), "apps.web.checks[0].name", "required"),
+        (app_field("checks: [{name: \"a b\", http: {}}]"), "apps.web.checks[0].name", "not a check name"),
+        (app_field("checks: [{name: a, http: {}}, {name: a, http: {}}]"), "apps.web.checks[1].name", "already the name of apps.web.checks[0]"),
+        (app_field("checks: [{name: a}]"), "apps.web.checks[0]", "needs one of http, latency or smoke"),
+        (app_field("checks: [{name: a, http: {}, smoke: {argv: [x]}}]"), "apps.web.checks[0]", "exactly one kind"),
+        (app_field("checks: [{name: a, http: {path: health}}]"), "apps.web.checks[0].http.path", "must start with '/'"),
+        (app_field("checks: [{name: a, http: {expect_status: 99}}]"), "apps.web.checks[0].http.expect_status", "from 100 to 599"),
+        (app_field("checks: [{name: a, http: {timeout: 0ms}}]"), "apps.web.checks[0].http.timeout", "longer than 0"),
+        (app_field("checks: [{name: a, http: {retries: 1000}}]"), "apps.web.checks[0].http.retries", "from 0 to 100"),
+        (app_field("checks: [{name: a, http: {port: 0}}]"), "apps.web.checks[0].http.port", "TCP port"),
+        (app_field("checks: [{name: a, http: {url: \"ftp://x\"}}]"), "apps.web.checks[0].http.url", "http:// or https://"),
+        (app_field("checks: [{name: a, http: {url: \"https://\"}}]"), "apps.web.checks[0].http.url", "with a host"),
+        (app_field("checks: [{name: a, http: {method: POST}}]"), "apps.web.checks[0].http.method", "unknown field"),
+        (app_field("checks: [{name: a, latency: {threshold: 1s, percentile: 0}}]"), "apps.web.checks[0].latency.percentile", "must be in (0, 100]"),
+        (app_field("checks: [{name: a, latency: {threshold: 1s, percentile: 100.5}}]"), "apps.web.checks[0].latency.percentile", "must be in (0, 100]"),
+        (app_field("checks: [{name: a, latency: {threshold: 1s, max_error_rate: 2}}]"), "apps.web.checks[0].latency.max_error_rate", "must be in [0, 1]"),
+        (app_field("checks: [{name: a, latency: {threshold: 1s, requests: 0}}]"), "apps.web.checks[0].latency.requests", "from 1 to"),
+        (app_field("checks: [{name: a, latency: {}}]"), "apps.web.checks[0].latency.threshold", "required"),
+        (app_field("checks: [{name: a, latency: {threshold: 1s, path: x}}]"), "apps.web.checks[0].latency.path", "must start with '/'"),
+        (app_field("checks: [{name: a, smoke: {}}]"), "apps.web.checks[0].smoke.argv", "required"),
+        (app_field("checks: [{name: a, smoke: {argv: []}}]"), "apps.web.checks[0].smoke.argv", "must not be empty"),
+        (app_field("checks: [{name: a, smoke: {argv: \"make test\"}}]"), "apps.web.checks[0].smoke.argv", "list of strings"),
+        (app_field("checks: [{name: a, smoke: {argv: [\"\"]}}]"), "apps.web.checks[0].smoke.argv[0]", "program must not be empty"),
+        (app_field("checks: [{name: a, smoke: {argv: [x, [y]]}}]"), "apps.web.checks[0].smoke.argv[1]", "must be a string"),
+        (app_field("checks: [{name: a, smoke: {argv: [x], timeout: 1d}}]"), "apps.web.checks[0].smoke.timeout", "not a duration"),
+        // build
+        (app_field("build: {timeout: 1m}"), "apps.web.build.argv", "required"),
+        (app_field("build: {argv: []}"), "apps.web.build.argv", "must not be empty"),
+        (app_field("build: {argv: [make], timeout: 0s}"), "apps.web.build.timeout", "longer than 0"),
+        (app_field("build: {argv: [make], shell: true}"), "apps.web.build.shell", "unknown field"),
+        // per-environment overrides
+        (app_field("analysis: {duration: 10s}\nenvironments:\n  production: {analysis: {interval: 20s}}"), "apps.web.environments.production.analysis", "longer than duration"),
+        (app_field("environments:\n  prod: {port: 80}"), "apps.web.environments.prod", "no such environment (defined: production, staging)"),
+        (app_field("environments:\n  production: {port: -80}"), "apps.web.environments.production.port", "TCP port"),
+        (app_field("environments:\n  production: {environments: {}}"), "apps.web.environments.production.environments", "unknown field"),
+        (app_field("environments:\n  production: {colour: red}"), "apps.web.environments.production.colour", "unknown field"),
+        (app_field("environments:\n  production: {strategy: canary, canary: {steps: [{weight: 10}, {weight: 5}]}}"), "apps.web.environments.production.canary.steps[1].weight", "weights must increase"),
+        (app_field("environments:\n  production: {rolling: {max_surge: 0}}\nrolling: {max_unavailable: 0}"), "apps.web.environments.production.rolling", "cannot both be 0"),
+        // YAML tags are not part of the format
+        (app_field("port: !int 80"), "apps.web.port", "YAML tags such as !int are not supported"),
+    ];
+    for (text, path, message) in &table {
+        refused(text, path, message);
+    }
+}
+
+#[test]
+fn every_wrong_field_is_named_at_once() {
+    let text = "environments:
+  staging: {cluster: sandbox, namespace: shop-staging}
+  Prod: {cluster: prod, namespace: shop}
+apps:
+  web:
+    colour: blue
+    port: 0
+    checks:
+      - name: health
+        http: {path: health}
+      - name: p95
+        latency: {path: /health, percentile: 120, threshold: 250ms}
+    canary: {steps: [{weight: 50}, {weight: 10}]}
+    environments:
+      qa: {port: 80}
+  api:
+    rolling: {max_surge: 0, max_unavailable: \"0%\"}
+";
+    let e = parse(text).unwrap_err();
+    let lines: Vec<String> = e.to_string().lines().map(str::to_owned).collect();
+    let expected = [
+        "environments.Prod: not a DNS label",
+        "apps.web.colour: unknown field",
+        "apps.web.port: must be a TCP port",
+        "apps.web.checks[0].http.path: \"health\" must start with '/'",
+        "apps.web.checks[1].latency.percentile: must be in (0, 100]",
+        "apps.web.canary.steps[1].weight: 10 is not above the previous step's 50",
+        "apps.web.environments.qa: no such environment",
+        "apps.api.rolling: max_surge and max_unavailable cannot both be 0",
+    ];
+    for want in expected {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in\n{e}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "one line per problem:\n{e}");
+    assert_eq!(e.len(), expected.len());
+}
+
+#[test]
+fn secrets_are_refused_wherever_they_appear() {
+    let hint = "secrets never go in the configuration";
+    let table: Vec<(String, &str)> = vec![
+        (app_field("password: hunter2"), "apps.web.password"),
+        (app_field("api_token: abc"), "apps.web.api_token"),
+        (
+            app_field("env: {DB_PASSWORD: x, LOG: debug}"),
+            "apps.web.env.DB_PASSWORD",
+        ),
+        (
+            app_field("checks: [{name: a, http: {path: /, authorization: Bearer x}}]"),
+            "apps.web.checks[0].http.authorization",
+        ),
+        (
+            app_field("build: {argv: [make], registry_secret: x}"),
+            "apps.web.build.registry_secret",
+        ),
+        (
+            "environments:\n  staging: {cluster: c, namespace: n, kube_token: x}\n".into(),
+            "environments.staging.kube_token",
+        ),
+        (format!("{BASE}secrets: {{a: b}}\n"), "secrets"),
+        (
+            format!("{BASE}extra: [{{nested: {{Private-Key: x}}}}]\n"),
+            "extra[0].nested.Private-Key",
+        ),
+        (
+            app_field("checks: [{name: a, http: {url: \"https://bob:pw@example.com/health\"}}]"),
+            "apps.web.checks[0].http.url",
+        ),
+        (
+            app_field("checks: [{name: a, smoke: {argv: [smoke, \"--token=abc123\"]}}]"),
+            "apps.web.checks[0].smoke.argv[1]",
+        ),
+        (
+            app_field("build: {argv: [make, \"PASSWORD=x\"]}"),
+            "apps.web.build.argv[1]",
+        ),
+    ];
+    for (text, path) in &table {
+        refused(text, path, hint);
+        refused(text, path, "credential files");
+    }
+    // A secret-looking key is reported as a secret, not also as an unknown field.
+    let found = problems(&app_field("password: hunter2"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    // Placeholders and names that merely contain a word are fine in argv.
+    assert!(problems(&app_field(
+        "build: {argv: [make, \"TAG={image}\", \"--token-file\", /run/token]}"
+    ))
+    .is_empty());
+}
+
+#[test]
+fn names_of_apps_and_environments_are_not_taken_for_secrets() {
+    let text = "environments:
+  auth-staging: {cluster: sandbox, namespace: auth}
+apps:
+  auth: {port: 8080}
+  token-service: {}
+";
+    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.resolve("auth", "auth-staging", &image()).is_ok());
+}
+
+#[test]
+fn yaml_merge_keys_share_settings_between_apps() {
+    let text = "environments:
+  staging: {cluster: sandbox, namespace: s}
+apps:
+  web: &defaults
+    port: 9090
+    step_timeout: 2m
+  api:
+    <<: *defaults
+    port: 9191
+";
+    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    let api = config.resolve("api", "staging", &image()).unwrap();
+    assert_eq!((api.port, api.step_timeout_seconds), (9191, 120));
+}
+
+#[test]
+fn durations_are_parsed_with_units() {
+    let table: &[(&str, Option<u64>)] = &[
+        ("500ms", Some(500)),
+        ("30s", Some(30_000)),
+        ("5m", Some(300_000)),
+        ("1h", Some(3_600_000)),
+        ("1m30s", Some(90_000)),
+        ("0s", Some(0)),
+        ("", None),
+        ("5", None),
+        ("m", None),
+        ("1.5s", None),
+        ("-1s", None),
+        ("5 m", None),
+        ("1d", None),
+        ("10us", None),
+        ("9999999999999h", None),
+    ];
+    for (text, want) in table {
+        assert_eq!(parse_duration_ms(text).ok(), *want, "{text:?}");
+    }
+}
+
+#[test]
+fn percentages_are_normalised() {
+    let config = parse(&app_field(
+        "rolling: {max_surge: \"007%\", max_unavailable: 2}",
+    ))
+    .unwrap();
+    let spec = config.resolve("web", "staging", &image()).unwrap();
+    let rolling = spec.rolling.unwrap();
+    assert_eq!(
+        (rolling.max_surge.as_str(), rolling.max_unavailable.as_str()),
+        ("7%", "2")
+    );
+}
+
+#[test]
+fn an_oversized_file_is_refused_before_it_is_parsed() {
+    let text = format!("{BASE}# {}\n", "x".repeat(MAX_FILE_BYTES));
+    refused(&text, "", "more than the limit");
+}
+
+#[test]
+fn problems_display_one_per_line_with_their_path() {
+    let e = ConfigErrors {
+        problems: vec![
+            Problem {
+                path: "apps.web.port".into(),
+                message: "must be a TCP port".into(),
+            },
+            Problem {
+                path: String::new(),
+                message: "whole file".into(),
+            },
+        ],
+    };
+    assert_eq!(
+        e.to_string(),
+        "apps.web.port: must be a TCP port\nwhole file"
+    );
+}
+
+#[test]
+fn strategy_names_round_trip() {
+    for s in [Strategy::Rolling, Strategy::Canary, Strategy::BlueGreen] {
+        assert_eq!(parse_strategy(strategy_name(s)), Some(s));
+    }
+    assert_eq!(parse_strategy("blue_green"), None);
+}
+
+#[test]
+fn rfc3339_timestamps_are_utc_dates() {
+    use super::store::rfc3339;
+    let table = [
+        (0, "1970-01-01T00:00:00Z"),
+        (951_782_400, "2000-02-29T00:00:00Z"),
+        (1_700_000_000, "2023-11-14T22:13:20Z"),
+        (4_102_444_799, "2099-12-31T23:59:59Z"),
+    ];
+    for (secs, want) in table {
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(secs)), want);
+    }
+}
+
+#[test]
+fn the_example_file_of_the_repository_is_valid() {
+    let text = include_str!("../../../../examples/baton.yaml");
+    let config = parse(text).unwrap_or_else(|e| panic!("examples/baton.yaml:\n{e}"));
+    for app in config.apps().keys() {
+        for env in config.environments().keys() {
+            config
+                .resolve(app, env, &image())
+                .unwrap_or_else(|e| panic!("{app} in {env}: {e}"));
+        }
+    }
+}
