@@ -9,7 +9,7 @@ KUBE_VERSION_DEB="1.20.5+really1.20.2"
 CACHE_DIR="${BATON_CACHE_DIR:-$HOME/.cache/baton}"
 KUBE_BIN_DIR="${BATON_KUBE_BIN_DIR:-$CACHE_DIR/kube-$KUBE_VERSION_DEB/bin}"
 KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
-PKGS=(nats-server etcd-server docker-registry golang-go rsync jq ca-certificates openssl python3-venv)
+PKGS=(nats-server etcd-server docker-registry golang-go rsync jq ca-certificates openssl python3-venv curl)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

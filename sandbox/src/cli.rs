@@ -53,6 +53,19 @@ enum Command {
         #[arg(long, env = "BATON_REGISTRY")]
         registry: String,
     },
+    /// Apply Kubernetes manifests (YAML, several documents allowed) by server-side apply, as
+    /// `kubectl apply --server-side` would: for setting up workloads Baton then releases.
+    Apply {
+        /// The manifest file
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Kubeconfig of the cluster
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+        /// Wait until applied Deployments are available
+        #[arg(long)]
+        wait: bool,
+    },
     /// Run PROG, print its pid, and stop it when stdin closes (internal).
     #[command(hide = true)]
     Supervise {
@@ -132,6 +145,7 @@ impl Command {
                 nats_only,
                 bus_config,
             } => up(env_file, nodes, nats_only, bus_config).await,
+            Command::Apply { file, kubeconfig, wait } => crate::manifests::apply_file(&file, &kubeconfig, wait).await,
             Command::PushImage {
                 image,
                 env,

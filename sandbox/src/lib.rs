@@ -8,6 +8,7 @@ pub mod bins;
 pub mod cli;
 pub mod error;
 pub mod kube;
+pub mod manifests;
 pub mod nats;
 pub mod node;
 pub mod process;
