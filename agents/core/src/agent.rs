@@ -85,6 +85,12 @@ pub struct Agent {
 /// Runs an agent until SIGTERM/SIGINT: work in hand is finished (or returned for redelivery),
 /// then the process exits.
 pub async fn run(args: AgentArgs, agent: Agent) -> Result<()> {
+    run_with_metrics(args, agent, Metrics::new()).await
+}
+
+/// As [`run`], with a metrics registry the caller keeps too (to export figures of its own on
+/// `/metrics` from tasks beside the consumers).
+pub async fn run_with_metrics(args: AgentArgs, agent: Agent, metrics: Metrics) -> Result<()> {
     args.validate().map_err(Error::Credentials)?;
     let role = agent.role;
     let shutdown = crate::shutdown::on_signal();
@@ -95,7 +101,6 @@ pub async fn run(args: AgentArgs, agent: Agent) -> Result<()> {
     };
     tracing::info!(agent = %role, cluster = %args.cluster, instance = %source.instance, nats = %args.nats.url, "starting");
     let bus = Bus::connect(&args.nats, role.as_str(), source, InitialConnect::Retry).await?;
-    let metrics = Metrics::new();
     metrics.set(names::UP, &[("agent", role.as_str())], 1.0);
     let consumers_ready = Arc::new(AtomicBool::new(false));
     let health = Health {

@@ -1,0 +1,247 @@
+//! The history as Prometheus series on the agent's `/metrics`. Every name the metrics agent
+//! exports is in [`names`].
+//!
+//! Counters (`_total`) count from the whole history; the other figures are gauges over the last
+//! 30 days, per environment and app, computed as [`crate::dora`] does. A rate with nothing to
+//! divide by is `NaN`, so a dashboard shows a gap rather than a false 0.
+
+use std::collections::{BTreeMap, HashMap};
+
+use baton_core::metrics::Metrics;
+use baton_core::names::{AppName, EnvName};
+use baton_core::Status;
+
+use crate::dora::{self, DAY_SECONDS};
+use crate::history::{Filter, History, Record};
+
+/// The window of the gauges.
+pub const GAUGE_WINDOW_SECONDS: u64 = 30 * DAY_SECONDS;
+
+/// Metric names and help texts, defined once.
+pub mod names {
+    pub const RELEASES: (&str, &str) = (
+        "baton_releases_total",
+        "Deployments that ended, by environment, app and status (succeeded, failed, rolled_back)",
+    );
+    pub const MANUAL_ROLLBACKS: (&str, &str) = (
+        "baton_manual_rollbacks_total",
+        "Manual rollbacks that ended, by environment, app and status (rolled_back, failed)",
+    );
+    pub const IN_FLIGHT: (&str, &str) = (
+        "baton_releases_in_flight",
+        "Releases not ended yet, by environment and app",
+    );
+    pub const DEPLOYMENT_FREQUENCY: (&str, &str) = (
+        "baton_deployment_frequency_per_day",
+        "Succeeded deployments per day over the last 30 days",
+    );
+    pub const LEAD_TIME: (&str, &str) = (
+        "baton_lead_time_seconds",
+        "Mean lead time for changes (commit to the end of its release) over the last 30 days",
+    );
+    pub const CHANGE_FAILURE_RATE: (&str, &str) = (
+        "baton_change_failure_rate",
+        "Failed and rolled-back deployments per ended deployment over the last 30 days",
+    );
+    pub const TIME_TO_RESTORE: (&str, &str) = (
+        "baton_time_to_restore_seconds",
+        "Mean time from a failure to restored service over the last 30 days",
+    );
+    pub const SUCCESS_RATE: (&str, &str) = (
+        "baton_success_rate",
+        "Succeeded deployments per ended deployment over the last 30 days",
+    );
+    pub const ROLLBACK_RATE: (&str, &str) = (
+        "baton_rollback_rate",
+        "Rollbacks (automatic and manual) per ended deployment over the last 30 days",
+    );
+    pub const DEPLOYMENT_DURATION: (&str, &str) = (
+        "baton_deployment_duration_seconds",
+        "Mean time from request to end of succeeded deployments over the last 30 days",
+    );
+    pub const HISTORY_EVENTS: (&str, &str) = (
+        "baton_history_events_total",
+        "Distinct events folded into the history",
+    );
+    pub const HISTORY_RELEASES: (&str, &str) =
+        ("baton_history_releases", "Releases in the history");
+    pub const API_REQUESTS: (&str, &str) = (
+        "baton_api_requests_total",
+        "Queries answered, by query and outcome (ok, bad_request, unavailable)",
+    );
+}
+
+type SeriesKey = (&'static str, Vec<(String, String)>);
+
+/// Writes the history's figures into the agent's registry. Counters there only go up by `add`,
+/// so it remembers what it exported and adds the difference (the history's counts never fall).
+#[derive(Debug, Default)]
+pub struct Exporter {
+    exported: HashMap<SeriesKey, f64>,
+}
+
+impl Exporter {
+    fn counter(
+        &mut self,
+        m: &Metrics,
+        metric: (&'static str, &'static str),
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        let key = (
+            metric.0,
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        );
+        let before = self.exported.get(&key).copied().unwrap_or(0.0);
+        if value > before || !self.exported.contains_key(&key) {
+            m.add(metric, labels, value - before);
+            self.exported.insert(key, value);
+        }
+    }
+
+    pub fn export(&mut self, m: &Metrics, history: &History, now_ms: i64) {
+        let mut by_pair: BTreeMap<(&EnvName, &AppName), Vec<&Record>> = BTreeMap::new();
+        for r in history.records() {
+            by_pair.entry((&r.env, &r.app)).or_default().push(r);
+        }
+        for ((env, app), records) in &by_pair {
+            let (env_s, app_s) = (env.as_str(), app.as_str());
+            let ended = |status: Status, manual: bool| {
+                records
+                    .iter()
+                    .filter(|r| r.status() == status && r.is_manual_rollback() == manual)
+                    .count()
+            };
+            for status in [Status::Succeeded, Status::Failed, Status::RolledBack] {
+                let n = ended(status, false);
+                let labels = [("env", env_s), ("app", app_s), ("status", status.name())];
+                self.counter(m, names::RELEASES, &labels, n as f64);
+            }
+            for status in [Status::RolledBack, Status::Failed] {
+                let n = ended(status, true);
+                if n > 0 {
+                    let labels = [("env", env_s), ("app", app_s), ("status", status.name())];
+                    self.counter(m, names::MANUAL_ROLLBACKS, &labels, n as f64);
+                }
+            }
+            let filter = Filter {
+                env: Some((*env).clone()),
+                app: Some((*app).clone()),
+            };
+            let r = dora::report_of(records, &filter, GAUGE_WINDOW_SECONDS, now_ms);
+            let labels = [("env", env_s), ("app", app_s)];
+            let or_nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
+            m.set(names::IN_FLIGHT, &labels, r.releases.in_flight as f64);
+            m.set(
+                names::DEPLOYMENT_FREQUENCY,
+                &labels,
+                r.deployment_frequency.per_day,
+            );
+            m.set(names::LEAD_TIME, &labels, or_nan(r.lead_time.mean_seconds));
+            m.set(
+                names::CHANGE_FAILURE_RATE,
+                &labels,
+                or_nan(r.change_failure_rate),
+            );
+            m.set(
+                names::TIME_TO_RESTORE,
+                &labels,
+                or_nan(r.time_to_restore.stats.mean_seconds),
+            );
+            m.set(names::SUCCESS_RATE, &labels, or_nan(r.success_rate));
+            m.set(names::ROLLBACK_RATE, &labels, or_nan(r.rollback_rate));
+            m.set(
+                names::DEPLOYMENT_DURATION,
+                &labels,
+                or_nan(r.deployment_time.mean_seconds),
+            );
+        }
+        self.counter(m, names::HISTORY_EVENTS, &[], history.events() as f64);
+        m.set(names::HISTORY_RELEASES, &[], history.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Script;
+
+    fn value(text: &str, series: &str) -> Option<String> {
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(str::to_owned)
+        })
+    }
+
+    #[test]
+    fn figures_are_exported_per_environment_and_app() {
+        const D: i64 = 86_400_000;
+        let now = 100 * D;
+        let mut h = History::new();
+        Script::release("staging", "web", now - 3 * D)
+            .succeed(now - 3 * D + 90_000)
+            .feed(&mut h);
+        Script::release("staging", "web", now - 2 * D)
+            .roll_back(now - 2 * D + 1_000, now - 2 * D + 61_000)
+            .feed(&mut h);
+        Script::release("prod", "web", now - D)
+            .in_flight()
+            .feed(&mut h);
+        let m = Metrics::new();
+        let mut e = Exporter::default();
+        e.export(&m, &h, now);
+        e.export(&m, &h, now);
+        let text = m.render();
+        let web = r#"{env="staging",app="web"}"#;
+        let table = [
+            (
+                r#"baton_releases_total{env="staging",app="web",status="succeeded"}"#.to_owned(),
+                "1",
+            ),
+            (
+                r#"baton_releases_total{env="staging",app="web",status="rolled_back"}"#.to_owned(),
+                "1",
+            ),
+            (
+                r#"baton_releases_total{env="staging",app="web",status="failed"}"#.to_owned(),
+                "0",
+            ),
+            (format!("baton_change_failure_rate{web}"), "0.5"),
+            (format!("baton_success_rate{web}"), "0.5"),
+            (format!("baton_rollback_rate{web}"), "0.5"),
+            (format!("baton_time_to_restore_seconds{web}"), "60"),
+            (format!("baton_deployment_duration_seconds{web}"), "90"),
+            (format!("baton_lead_time_seconds{web}"), "NaN"),
+            (format!("baton_releases_in_flight{web}"), "0"),
+            (
+                r#"baton_releases_in_flight{env="prod",app="web"}"#.to_owned(),
+                "1",
+            ),
+            (
+                r#"baton_change_failure_rate{env="prod",app="web"}"#.to_owned(),
+                "NaN",
+            ),
+            ("baton_history_releases".to_owned(), "3"),
+        ];
+        for (series, expected) in table {
+            assert_eq!(value(&text, &series).as_deref(), Some(expected), "{series}");
+        }
+        let freq = value(&text, &format!("baton_deployment_frequency_per_day{web}"))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap();
+        assert_eq!(freq, 1.0 / 30.0);
+        let events = value(&text, "baton_history_events_total").unwrap();
+        assert_eq!(
+            events.parse::<f64>().unwrap(),
+            h.events() as f64,
+            "exported once, not twice"
+        );
+        assert!(text.contains("# TYPE baton_releases_total counter"));
+        assert!(text.contains("# TYPE baton_change_failure_rate gauge"));
+    }
+}
