@@ -1,13 +1,24 @@
 //! Baton's health-checker agent: runs the checks and analysis on the new pods and gives verdicts.
 //!
-//! It runs as a daemon per cluster on durable consumers of the event stream (see
-//! `bus-config/consumers/health-checker.json` for the events it reacts to).
+//! On `deploy.step_ready` it analyses the step's new pods (DESIGN.md §6): every interval for the
+//! analysis' duration, HTTP checks and latency checks straight to the pods' IPs, smoke tests as
+//! argvs without a shell, and the pods' health as the cluster reports it; too many failed rounds
+//! fail the step at once. It publishes `analysis.started`, then `analysis.passed` or
+//! `analysis.failed` with the measurements that explain the verdict.
+//!
+//! `analysis` decides (pure), `checks` observes, `handler` wires both to the bus.
+
+pub mod analysis;
+pub mod checks;
+pub mod error;
+pub mod handler;
 
 use std::sync::Arc;
 
 use baton_core::agent::{self, Agent, AgentArgs};
-use baton_core::runtime::ReceiveOnly;
 use baton_core::Role;
+
+pub use error::{Error, Result};
 
 /// Command-line flags of `baton-health-checker`.
 #[derive(Debug, clap::Parser)]
@@ -23,10 +34,13 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
+        // The pod-health check reads the cluster: without it the agent cannot judge anything.
+        let kube = self.agent.kube_client().await.map_err(Error::from)?;
+        let checker = checks::Checker::new(kube.clone())?;
         let agent = Agent {
             role: Role::HealthChecker,
-            handler: Arc::new(ReceiveOnly),
-            readiness: None,
+            handler: Arc::new(handler::HealthChecker::new(checker)),
+            readiness: Some(baton_core::cluster::readiness(kube)),
         };
         agent::run(self.agent, agent).await?;
         Ok(())

@@ -221,6 +221,7 @@ fn trigger(agent: &str, rid: ReleaseId) -> (EventType, Payload) {
             Payload::RollbackRequested(RollbackRequested {
                 app: "web".into(),
                 env: "staging".into(),
+                namespace: "default".into(),
                 ..Default::default()
             }),
         ),
@@ -239,14 +240,13 @@ fn trigger(agent: &str, rid: ReleaseId) -> (EventType, Payload) {
 async fn every_agent_consumes_its_events_and_stops_cleanly_on_sigterm() -> Result<()> {
     let env = BusEnv::start().await?;
     let mut agents = Vec::new();
-    for name in [
-        "builder",
-        "deployer",
-        "health-checker",
-        "rollback",
-        "metrics",
-    ] {
-        agents.push(AgentProcess::start(&env, name, &[], env.sandbox.dir()).await?);
+    // The cluster-bound agents need a cluster to be ready; the builder gives up on the
+    // unreachable registry of the test's image at once.
+    let cluster = baton_tests::cluster::shared()?;
+    let kubeconfig = cluster.kubeconfig.display().to_string();
+    let extra = [("KUBECONFIG", kubeconfig.as_str()), ("BATON_REGISTRY_RETRY_SECONDS", "0")];
+    for name in ["builder", "deployer", "health-checker", "rollback", "metrics"] {
+        agents.push(AgentProcess::start(&env, name, &extra, env.sandbox.dir()).await?);
     }
     // Agents may only publish their own events, so the test publishes as the owner of each type.
     for agent in &agents {

@@ -4,8 +4,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod agents;
+mod builder;
 mod bus;
 mod compose;
+mod config;
+mod health;
+mod metrics;
+mod release;
 mod runtime;
 mod sandbox;
 
@@ -15,9 +20,14 @@ fn main() -> std::process::ExitCode {
     let mut trials = Vec::new();
     trials.extend(bus::trials());
     trials.extend(agents::trials());
+    trials.extend(builder::trials());
     trials.extend(sandbox::trials());
     trials.extend(compose::trials());
+    trials.extend(config::trials());
     trials.extend(runtime::trials());
+    trials.extend(release::trials());
+    trials.extend(health::trials());
+    trials.extend(metrics::trials());
     run(trials)
 }
 

@@ -1,6 +1,5 @@
 //! Releases end to end: the five agents as real processes, a real control plane, the real CLI.
 
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use baton_core::event::EventType::{self, *};
@@ -50,7 +49,10 @@ async fn a_rolling_release_of_a_healthy_image_succeeds_and_runs_it_by_digest() -
     for pair in events.windows(2).skip(1) {
         ensure!(!pair[1].envelope.causation_id.is_empty(), "{} has no cause", pair[1].event_type);
     }
-    ensure!(out.contains("deploy.step_ready") && out.contains("release succeeded"), "the CLI did not follow the release:\n{out}");
+    ensure!(
+        out.contains("deploy.step_ready") && out.contains(&format!("release {rid} succeeded")),
+        "the CLI did not follow the release:\n{out}"
+    );
     // Status and logs tell the same story.
     let status = baton.baton(&["status", &rid.to_string()]).await?;
     ensure!(String::from_utf8_lossy(&status.stdout).contains("status    succeeded"), "{}", String::from_utf8_lossy(&status.stdout));

@@ -1,0 +1,302 @@
+//! The reaction to `deploy.step_ready`: decide from the release's history whether the step is
+//! still to be judged, announce `analysis.started`, run the rounds of checks on the new pods, and
+//! publish `analysis.passed` or `analysis.failed` with the measurements. Every event is keyed by
+//! the step, so a re-run after a crash publishes nothing twice.
+
+use std::collections::HashMap;
+
+use baton_core::ids::EventKey;
+use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_proto::v1::{
+    envelope::Payload, AnalysisFailed, AnalysisPassed, AnalysisStarted, Measurement,
+};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+
+use crate::analysis::{
+    self, latency_measurements, CheckKind, Decision, Plan, PodTarget, Tally, Verdict,
+};
+use crate::checks::{self, Checker};
+
+/// Checks of one round in flight at once (each a pod and a check, or a smoke test).
+const ROUND_CONCURRENCY: usize = 16;
+
+/// The health-checker's handler.
+pub struct HealthChecker {
+    checker: Checker,
+}
+
+impl HealthChecker {
+    pub fn new(checker: Checker) -> HealthChecker {
+        HealthChecker { checker }
+    }
+}
+
+impl Handler for HealthChecker {
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        delivery: Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.on_step_ready(ctx, delivery))
+    }
+}
+
+/// One analysis: what to check, on which pods.
+struct Run<'a> {
+    step: u32,
+    plan: &'a Plan,
+    pods: &'a [PodTarget],
+    namespace: &'a str,
+    step_began_ms: Option<i64>,
+    smoke_env: Vec<(String, String)>,
+}
+
+impl HealthChecker {
+    async fn on_step_ready(
+        &self,
+        ctx: &AgentContext,
+        delivery: Delivery,
+    ) -> Result<(), HandlerError> {
+        let ready = match delivery.event.payload() {
+            Some(Payload::DeployStepReady(r)) => r.clone(),
+            _ => {
+                return Err(HandlerError::Permanent(format!(
+                    "the health-checker reacts to deploy.step_ready, not {}",
+                    delivery.event.event_type
+                )))
+            }
+        };
+        let step = ready.step;
+        let release_id = delivery.event.release_id;
+        let (events, state) = ctx.release_state(release_id).await?;
+        if let Decision::Skip(why) = analysis::decide(&state, step, &ctx.cluster) {
+            tracing::info!(step, %why, "no analysis");
+            return Ok(());
+        }
+        let Some(spec) = state.spec.as_ref() else {
+            return Ok(());
+        };
+        let plan = analysis::plan(spec).map_err(HandlerError::Permanent)?;
+        for check in &plan.checks {
+            if let CheckKind::Http(h) = &check.kind {
+                if let Some(url) = &h.url {
+                    checks::parse_url(url).map_err(|e| {
+                        HandlerError::Permanent(format!("check {}: url {e}", check.name))
+                    })?;
+                }
+            }
+        }
+        let pods = analysis::pod_targets(&ready).map_err(HandlerError::Permanent)?;
+        let smoke_env = vec![
+            ("BATON_RELEASE_ID".to_owned(), release_id.to_string()),
+            ("BATON_APP".to_owned(), spec.app.clone()),
+            ("BATON_ENV".to_owned(), spec.env.clone()),
+            ("BATON_NAMESPACE".to_owned(), spec.namespace.clone()),
+            ("BATON_STEP".to_owned(), step.to_string()),
+            (
+                "BATON_POD_IPS".to_owned(),
+                pods.iter()
+                    .map(|p| p.ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "BATON_POD_NAMES".to_owned(),
+                pods.iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ];
+        let run = Run {
+            step,
+            plan: &plan,
+            pods: &pods,
+            namespace: &spec.namespace,
+            step_began_ms: analysis::step_began_ms(&events, step),
+            smoke_env,
+        };
+
+        ctx.emit(
+            &delivery,
+            EventKey::Step(step),
+            Payload::AnalysisStarted(AnalysisStarted {
+                step,
+                checks: plan.check_names(),
+            }),
+        )
+        .await?;
+        tracing::info!(
+            step,
+            pods = pods.len(),
+            checks = plan.checks.len() + 1,
+            rounds = plan.settings.rounds(),
+            "analysis started"
+        );
+        let verdict = self.analyse(ctx, &run).await?;
+
+        // Another instance may have judged the step meanwhile (a redelivery racing this run):
+        // one verdict per step.
+        let (_, state) = ctx.release_state(release_id).await?;
+        if state.analyses_passed.contains(&step) || state.analyses_failed.contains(&step) {
+            tracing::info!(
+                step,
+                "the step was judged meanwhile; publishing no second verdict"
+            );
+            return Ok(());
+        }
+        match verdict {
+            Verdict::Passed { measurements } => {
+                tracing::info!(step, measurements = measurements.len(), "analysis passed");
+                ctx.emit(
+                    &delivery,
+                    EventKey::Step(step),
+                    Payload::AnalysisPassed(AnalysisPassed { step, measurements }),
+                )
+                .await?;
+            }
+            Verdict::Failed {
+                measurements,
+                reason,
+            } => {
+                tracing::warn!(step, %reason, "analysis failed");
+                ctx.emit(
+                    &delivery,
+                    EventKey::Step(step),
+                    Payload::AnalysisFailed(AnalysisFailed {
+                        step,
+                        measurements,
+                        reason,
+                    }),
+                )
+                .await?;
+            }
+            Verdict::Inconclusive { reason } => {
+                return Err(HandlerError::Retry(format!(
+                    "analysis of step {step} is inconclusive: {reason}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the rounds, every interval from the start, until the duration is over or more rounds
+    /// failed than the limit allows. Shutdown stops it at once; the step is analysed again
+    /// after redelivery.
+    async fn analyse(&self, ctx: &AgentContext, run: &Run<'_>) -> Result<Verdict, HandlerError> {
+        let settings = run.plan.settings;
+        let mut tally = Tally::new(settings);
+        let mut baselines = HashMap::new();
+        let start = tokio::time::Instant::now();
+        let stopped = || {
+            HandlerError::Retry(format!(
+                "shutting down during the analysis of step {}; it will run again",
+                run.step
+            ))
+        };
+        for round in 0..tally.total_rounds() {
+            let due = start + settings.interval.saturating_mul(round);
+            tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => return Err(stopped()),
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            let (measurements, cluster_error) = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => return Err(stopped()),
+                r = self.round(run, &mut baselines) => r,
+            };
+            let outcome = tally.record(measurements, cluster_error);
+            tracing::debug!(step = run.step, round = round + 1, ?outcome, "round done");
+            if tally.exceeded() {
+                break;
+            }
+        }
+        Ok(tally.verdict(run.step))
+    }
+
+    /// One round: every check on every pod (and URL), and the pods as the cluster has them.
+    async fn round(
+        &self,
+        run: &Run<'_>,
+        baselines: &mut HashMap<String, u32>,
+    ) -> (Vec<Measurement>, Option<String>) {
+        let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
+        let mut tasks: Vec<BoxFuture<'_, Vec<Measurement>>> = Vec::new();
+        for check in &run.plan.checks {
+            let name = check.name.as_str();
+            match &check.kind {
+                CheckKind::Http(h) => {
+                    let mut targets: Vec<(String, String)> = run
+                        .pods
+                        .iter()
+                        .map(|p| (p.label(), p.url(h.port, &h.path)))
+                        .collect();
+                    if let Some(url) = &h.url {
+                        targets.push((url.clone(), url.clone()));
+                    }
+                    for (target, url) in targets {
+                        tasks.push(
+                            async move {
+                                let attempts = self.checker.http(h, &url).await;
+                                vec![analysis::http_measurement(name, target, h, &attempts)]
+                            }
+                            .boxed(),
+                        );
+                    }
+                }
+                CheckKind::Latency(l) => {
+                    for pod in run.pods {
+                        tasks.push(
+                            async move {
+                                let samples =
+                                    self.checker.latency(l, &pod.url(l.port, &l.path)).await;
+                                latency_measurements(name, &pod.label(), l, &samples).to_vec()
+                            }
+                            .boxed(),
+                        );
+                    }
+                }
+                CheckKind::Smoke(s) => {
+                    let env = &run.smoke_env;
+                    tasks.push(
+                        async move {
+                            let outcome = self.checker.smoke(s, env).await;
+                            vec![analysis::smoke_measurement(name, s, &outcome)]
+                        }
+                        .boxed(),
+                    );
+                }
+            }
+        }
+        let checks = futures::stream::iter(tasks)
+            .buffered(ROUND_CONCURRENCY)
+            .collect::<Vec<_>>();
+        let (observed, results) = tokio::join!(self.checker.pods(run.namespace, &names), checks);
+        let mut measurements = Vec::new();
+        let cluster_error = match observed {
+            Ok(observed) => {
+                for pod in run.pods {
+                    let seen = observed.get(&pod.name);
+                    measurements.push(analysis::pod_measurement(
+                        pod,
+                        seen,
+                        run.step_began_ms,
+                        baselines.get(&pod.name).copied(),
+                    ));
+                    if let Some(seen) = seen {
+                        baselines.entry(pod.name.clone()).or_insert(seen.restarts);
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pods this round");
+                Some(e.to_string())
+            }
+        };
+        measurements.extend(results.into_iter().flatten());
+        (measurements, cluster_error)
+    }
+}
