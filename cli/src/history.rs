@@ -54,7 +54,8 @@ pub async fn history(nats: &NatsArgs, args: HistoryArgs) -> anyhow::Result<()> {
     if args.limit == 0 || args.limit > MAX_LIMIT {
         bail!("--limit: {} is outside 1..={MAX_LIMIT}", args.limit);
     }
-    let request = serde_json::json!({"env": args.env, "app": args.app, "limit": args.limit}).to_string();
+    let request =
+        serde_json::json!({"env": args.env, "app": args.app, "limit": args.limit}).to_string();
     let (raw, answer) = ask(nats, "releases.list", &request).await?;
     match args.output {
         Output::Json => println!("{raw}"),
@@ -71,7 +72,9 @@ pub async fn history(nats: &NatsArgs, args: HistoryArgs) -> anyhow::Result<()> {
 pub async fn metrics(nats: &NatsArgs, args: MetricsArgs) -> anyhow::Result<()> {
     let window_seconds = parse_window(&args.window).map_err(|e| anyhow!("--window: {e}"))?;
     check_filter(args.env.as_deref(), args.app.as_deref())?;
-    let request = serde_json::json!({"window_seconds": window_seconds, "env": args.env, "app": args.app}).to_string();
+    let request =
+        serde_json::json!({"window_seconds": window_seconds, "env": args.env, "app": args.app})
+            .to_string();
     let (raw, answer) = ask(nats, "metrics.report", &request).await?;
     match args.output {
         Output::Json => println!("{raw}"),

@@ -94,10 +94,14 @@ impl Cli {
             Command::History(args) => done(history::history(&self.nats, args).await),
             Command::Metrics(args) => done(history::metrics(&self.nats, args).await),
             Command::Config(cmd) => done(config::run(&self.nats, cmd).await),
-            Command::Bus(BusCommand::Apply { dir, user, clusters }) => {
-                done(bus_apply(&self.nats, dir, &user, &clusters).await)
+            Command::Bus(BusCommand::Apply {
+                dir,
+                user,
+                clusters,
+            }) => done(bus_apply(&self.nats, dir, &user, &clusters).await),
+            Command::Bus(BusCommand::Credentials { out, force }) => {
+                done(credentials::write(&out, force))
             }
-            Command::Bus(BusCommand::Credentials { out, force }) => done(credentials::write(&out, force)),
         }
     }
 }

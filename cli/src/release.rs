@@ -84,11 +84,16 @@ pub struct RollbackArgs {
 
 /// Who is asking: `BATON_ACTOR` (CI sets it), else the user and host.
 pub fn actor() -> String {
-    std::env::var("BATON_ACTOR").ok().filter(|a| !a.trim().is_empty()).unwrap_or_else(|| {
-        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-        format!("{user}@{host}")
-    })
+    std::env::var("BATON_ACTOR")
+        .ok()
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| {
+            let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default();
+            format!("{user}@{host}")
+        })
 }
 
 fn parse_names(app: &str, env: &str) -> anyhow::Result<(AppName, EnvName)> {
@@ -96,18 +101,37 @@ fn parse_names(app: &str, env: &str) -> anyhow::Result<(AppName, EnvName)> {
 }
 
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    config::parse_duration_ms(text).map(Duration::from_millis).map_err(|e| anyhow!("{text:?}: {e}"))
+    config::parse_duration_ms(text)
+        .map(Duration::from_millis)
+        .map_err(|e| anyhow!("{text:?}: {e}"))
 }
 
 /// Parses RFC 3339 (`2026-11-26T09:30:00Z`, `…+02:00`, fractions allowed).
 pub fn parse_rfc3339(text: &str) -> anyhow::Result<SystemTime> {
     let bad = || anyhow!("{text:?} is not an RFC 3339 time such as 2026-11-26T09:30:00Z");
     let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(bad());
     }
-    let num = |r: std::ops::Range<usize>| text.get(r).and_then(|s| s.parse::<i64>().ok()).ok_or_else(bad);
-    let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let num = |r: std::ops::Range<usize>| {
+        text.get(r)
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(bad)
+    };
+    let (y, mo, d, h, mi, s) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return Err(bad());
     }
@@ -135,35 +159,68 @@ pub fn parse_rfc3339(text: &str) -> anyhow::Result<SystemTime> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + h * 3600 + mi * 60 + s - offset;
-    u64::try_from(secs).map(|s| UNIX_EPOCH + Duration::from_secs(s)).map_err(|_| bad())
+    u64::try_from(secs)
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+        .map_err(|_| bad())
 }
 
 pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitCode> {
     let (app, env) = parse_names(&args.app, &args.env)?;
     let strategy = match &args.strategy {
-        Some(s) => Some(config::parse_strategy(s).ok_or_else(|| anyhow!("--strategy {s:?}: use rolling, canary or blue-green"))?),
+        Some(s) => Some(
+            config::parse_strategy(s)
+                .ok_or_else(|| anyhow!("--strategy {s:?}: use rolling, canary or blue-green"))?,
+        ),
         None => None,
     };
-    let commit_time = args.commit_time.as_deref().map(parse_rfc3339).transpose().context("--commit-time")?;
+    let commit_time = args
+        .commit_time
+        .as_deref()
+        .map(parse_rfc3339)
+        .transpose()
+        .context("--commit-time")?;
     let timeout = parse_duration(&args.timeout).context("--timeout")?;
     let bus = crate::connect(nats).await?;
-    let (revision, cfg, _) = store::current(&bus)
-        .await?
-        .ok_or_else(|| anyhow!("no configuration has been applied yet: run `baton config apply FILE` first"))?;
+    let (revision, cfg, _) = store::current(&bus).await?.ok_or_else(|| {
+        anyhow!("no configuration has been applied yet: run `baton config apply FILE` first")
+    })?;
     let cfg = cfg.with_revision(revision);
-    let overrides = Overrides { image: args.image.clone(), strategy, commit: args.commit.clone(), commit_time };
+    let overrides = Overrides {
+        image: args.image.clone(),
+        strategy,
+        commit: args.commit.clone(),
+        commit_time,
+    };
     let spec = cfg
         .resolve(app.as_str(), env.as_str(), &overrides)
         .map_err(|e| anyhow!("cannot release {app} to {env}:\n{e}"))?;
     let rid = ReleaseId::generate();
-    let event = Event::new(rid, EventKey::Once, Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec.clone()) }), bus.source(), actor(), "");
-    bus.publish(&EventSubject::new(env.clone(), app.clone(), rid, EventType::ReleaseRequested), &event)
-        .await
-        .context("publishing the release request")?;
+    let event = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::ReleaseRequested(ReleaseRequested {
+            spec: Some(spec.clone()),
+        }),
+        bus.source(),
+        actor(),
+        "",
+    );
+    bus.publish(
+        &EventSubject::new(env.clone(), app.clone(), rid, EventType::ReleaseRequested),
+        &event,
+    )
+    .await
+    .context("publishing the release request")?;
     match args.output {
-        Output::Json if !args.wait => println!("{}", serde_json::json!({"release_id": rid.to_string()})),
+        Output::Json if !args.wait => {
+            println!("{}", serde_json::json!({"release_id": rid.to_string()}))
+        }
         Output::Json => {}
-        Output::Text => println!("release {rid} requested: {app} {} to {env} ({})", spec.image, describe_strategy(spec.strategy)),
+        Output::Text => println!(
+            "release {rid} requested: {app} {} to {env} ({})",
+            spec.image,
+            describe_strategy(spec.strategy)
+        ),
     }
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
@@ -172,21 +229,33 @@ pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitC
 }
 
 fn describe_strategy(strategy: i32) -> &'static str {
-    Strategy::try_from(strategy).map(config::strategy_name).unwrap_or("rolling")
+    Strategy::try_from(strategy)
+        .map(config::strategy_name)
+        .unwrap_or("rolling")
 }
 
 pub async fn rollback(nats: &NatsArgs, args: RollbackArgs) -> anyhow::Result<ExitCode> {
     let (app, env) = parse_names(&args.app, &args.env)?;
     let timeout = parse_duration(&args.timeout).context("--timeout")?;
     let bus = crate::connect(nats).await?;
-    let (_, cfg, _) = store::current(&bus)
-        .await?
-        .ok_or_else(|| anyhow!("no configuration has been applied yet: run `baton config apply FILE` first"))?;
+    let (_, cfg, _) = store::current(&bus).await?.ok_or_else(|| {
+        anyhow!("no configuration has been applied yet: run `baton config apply FILE` first")
+    })?;
     let environment = cfg.environments().get(env.as_str()).ok_or_else(|| {
-        anyhow!("unknown environment {env}; configured: {}", cfg.environments().keys().cloned().collect::<Vec<_>>().join(", "))
+        anyhow!(
+            "unknown environment {env}; configured: {}",
+            cfg.environments()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     })?;
     if !cfg.apps().contains_key(app.as_str()) {
-        bail!("unknown app {app}; configured: {}", cfg.apps().keys().cloned().collect::<Vec<_>>().join(", "));
+        bail!(
+            "unknown app {app}; configured: {}",
+            cfg.apps().keys().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     let rid = ReleaseId::generate();
     let request = RollbackRequested {
@@ -197,12 +266,24 @@ pub async fn rollback(nats: &NatsArgs, args: RollbackArgs) -> anyhow::Result<Exi
         reason: args.reason.clone(),
         target_release_id: String::new(),
     };
-    let event = Event::new(rid, EventKey::Once, Payload::RollbackRequested(request), bus.source(), actor(), "");
-    bus.publish(&EventSubject::new(env.clone(), app.clone(), rid, EventType::RollbackRequested), &event)
-        .await
-        .context("publishing the rollback request")?;
+    let event = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::RollbackRequested(request),
+        bus.source(),
+        actor(),
+        "",
+    );
+    bus.publish(
+        &EventSubject::new(env.clone(), app.clone(), rid, EventType::RollbackRequested),
+        &event,
+    )
+    .await
+    .context("publishing the rollback request")?;
     match args.output {
-        Output::Json if !args.wait => println!("{}", serde_json::json!({"release_id": rid.to_string()})),
+        Output::Json if !args.wait => {
+            println!("{}", serde_json::json!({"release_id": rid.to_string()}))
+        }
         Output::Json => {}
         Output::Text => println!("rollback {rid} requested: {app} in {env}"),
     }
@@ -225,8 +306,17 @@ fn exit_code(state: &ReleaseState) -> ExitCode {
 
 /// Prints each event of the release as it happens, with a progress line during long waits,
 /// until the release ends.
-async fn follow(bus: &Bus, rid: ReleaseId, output: Output, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let stream = bus.jetstream().get_stream(EVENTS_STREAM).await.context("opening the event stream")?;
+async fn follow(
+    bus: &Bus,
+    rid: ReleaseId,
+    output: Output,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let stream = bus
+        .jetstream()
+        .get_stream(EVENTS_STREAM)
+        .await
+        .context("opening the event stream")?;
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: subject::release_events(rid),
@@ -300,16 +390,33 @@ fn time_text(ms: i64) -> String {
 
 /// One line about an event, for people.
 pub fn describe(event: &Event) -> String {
-    let Some(payload) = event.payload() else { return String::new() };
+    let Some(payload) = event.payload() else {
+        return String::new();
+    };
     match payload {
         Payload::ReleaseRequested(r) => r.spec.as_ref().map_or(String::new(), |s| {
-            format!("{} {} to {} ({}, namespace {}) by {}", s.app, s.image, s.env, describe_strategy(s.strategy), s.namespace, event.envelope.actor)
+            format!(
+                "{} {} to {} ({}, namespace {}) by {}",
+                s.app,
+                s.image,
+                s.env,
+                describe_strategy(s.strategy),
+                s.namespace,
+                event.envelope.actor
+            )
         }),
         Payload::ReleaseAbortRequested(r) => format!("by {}: {}", event.envelope.actor, r.reason),
         Payload::ReleasePauseRequested(r) => format!("by {}: {}", event.envelope.actor, r.reason),
         Payload::ReleaseResumeRequested(_) => format!("by {}", event.envelope.actor),
-        Payload::ReleasePromoteRequested(p) => format!("by {}{}", event.envelope.actor, if p.full { ", all the way" } else { "" }),
-        Payload::RollbackRequested(r) => format!("{} in {} by {}: {}", r.app, r.env, event.envelope.actor, r.reason),
+        Payload::ReleasePromoteRequested(p) => format!(
+            "by {}{}",
+            event.envelope.actor,
+            if p.full { ", all the way" } else { "" }
+        ),
+        Payload::RollbackRequested(r) => format!(
+            "{} in {} by {}: {}",
+            r.app, r.env, event.envelope.actor, r.reason
+        ),
         Payload::BuildStarted(b) => format!("{} ({})", b.image, b.backend),
         Payload::BuildSucceeded(b) => b.image_ref.clone(),
         Payload::BuildFailed(b) => b.reason.clone(),
@@ -317,7 +424,11 @@ pub fn describe(event: &Event) -> String {
             "{} replicas of {}; previous revision {} ({})",
             d.replicas,
             d.workload,
-            if d.previous_revision.is_empty() { "none" } else { &d.previous_revision },
+            if d.previous_revision.is_empty() {
+                "none"
+            } else {
+                &d.previous_revision
+            },
             d.previous_image
         ),
         Payload::DeployStepStarted(s) => format!("step {} at {}%", s.step, s.weight),
@@ -326,14 +437,23 @@ pub fn describe(event: &Event) -> String {
             s.step,
             s.weight,
             s.pods.len(),
-            s.pods.iter().map(|p| format!("{}@{}", p.name, p.ip)).collect::<Vec<_>>().join(", ")
+            s.pods
+                .iter()
+                .map(|p| format!("{}@{}", p.name, p.ip))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Payload::DeployCompleted(d) => format!("revision {} runs {}", d.revision, d.image_ref),
         Payload::DeployFailed(d) => format!(
             "step {}: {} ({})",
             d.step,
             d.reason,
-            FailureKind::try_from(d.kind).map(|k| k.as_str_name().trim_start_matches("FAILURE_KIND_").to_lowercase()).unwrap_or_default()
+            FailureKind::try_from(d.kind)
+                .map(|k| k
+                    .as_str_name()
+                    .trim_start_matches("FAILURE_KIND_")
+                    .to_lowercase())
+                .unwrap_or_default()
         ),
         Payload::ReleaseSucceeded(r) => r.image_ref.clone(),
         Payload::ReleaseQueued(q) => format!("behind release {}", q.blocking_release_id),
@@ -341,9 +461,19 @@ pub fn describe(event: &Event) -> String {
         Payload::ReleaseResumed(r) => format!("at step {}", r.step),
         Payload::AnalysisStarted(a) => format!("step {}: {}", a.step, a.checks.join(", ")),
         Payload::AnalysisPassed(a) => format!("step {}: {}", a.step, measurements(&a.measurements)),
-        Payload::AnalysisFailed(a) => format!("step {}: {} — {}", a.step, a.reason, measurements(&a.measurements)),
-        Payload::RollbackStarted(r) => format!("to revision {} ({}): {}", r.to_revision, r.to_image, r.reason),
-        Payload::RollbackCompleted(r) => format!("revision {} runs {}", r.restored_revision, r.restored_image),
+        Payload::AnalysisFailed(a) => format!(
+            "step {}: {} — {}",
+            a.step,
+            a.reason,
+            measurements(&a.measurements)
+        ),
+        Payload::RollbackStarted(r) => format!(
+            "to revision {} ({}): {}",
+            r.to_revision, r.to_image, r.reason
+        ),
+        Payload::RollbackCompleted(r) => {
+            format!("revision {} runs {}", r.restored_revision, r.restored_image)
+        }
         Payload::RollbackFailed(r) => r.reason.clone(),
         Payload::ReleaseRolledBack(r) => r.reason.clone(),
         Payload::ReleaseFailed(r) => r.reason.clone(),
@@ -354,10 +484,35 @@ fn measurements(ms: &[Measurement]) -> String {
     let shown: Vec<String> = ms
         .iter()
         .take(6)
-        .map(|m| format!("{} {} {}{}{}", m.check, m.target, if m.ok { "ok" } else { "FAILED" }, if m.unit.is_empty() { String::new() } else { format!(" {:.1}{}", m.value, m.unit) }, if m.detail.is_empty() { String::new() } else { format!(" ({})", m.detail) }))
+        .map(|m| {
+            format!(
+                "{} {} {}{}{}",
+                m.check,
+                m.target,
+                if m.ok { "ok" } else { "FAILED" },
+                if m.unit.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {:.1}{}", m.value, m.unit)
+                },
+                if m.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", m.detail)
+                }
+            )
+        })
         .collect();
     let more = ms.len().saturating_sub(shown.len());
-    format!("{}{}", shown.join("; "), if more > 0 { format!("; {more} more") } else { String::new() })
+    format!(
+        "{}{}",
+        shown.join("; "),
+        if more > 0 {
+            format!("; {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 fn event_json(e: &Event) -> serde_json::Value {
@@ -388,14 +543,20 @@ async fn history_of(nats: &NatsArgs, id: &str) -> anyhow::Result<(ReleaseId, Vec
 pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
     let (rid, events) = history_of(nats, &args.id).await?;
     let state = fold(&events);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
     let spec = state.spec.clone().unwrap_or_default();
     let (app, env) = match (&state.spec, &state.rollback_request) {
         (Some(s), _) => (s.app.clone(), s.env.clone()),
         (None, Some(r)) => (r.app.clone(), r.env.clone()),
         _ => (String::new(), String::new()),
     };
-    let last = events.last().map(|e| e.event_type.as_str()).unwrap_or_default();
+    let last = events
+        .last()
+        .map(|e| e.event_type.as_str())
+        .unwrap_or_default();
     match args.output {
         Output::Json => println!(
             "{}",
@@ -423,7 +584,15 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
             println!("app       {app} in {env}");
             println!("status    {}", state.status());
             if !spec.image.is_empty() {
-                println!("image     {}{}", spec.image, state.image_ref.as_deref().map(|r| format!(" → {r}")).unwrap_or_default());
+                println!(
+                    "image     {}{}",
+                    spec.image,
+                    state
+                        .image_ref
+                        .as_deref()
+                        .map(|r| format!(" → {r}"))
+                        .unwrap_or_default()
+                );
                 println!("strategy  {}", describe_strategy(spec.strategy));
             }
             if let (Some(step), Some(weight)) = (state.current_step(), state.current_weight()) {
@@ -440,7 +609,14 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
                 println!("duration  {:.1}s", d as f64 / 1000.0);
             }
             if let Some(prev) = &state.previous_revision {
-                println!("previous  revision {prev}{}", state.previous_image.as_deref().map(|i| format!(" ({i})")).unwrap_or_default());
+                println!(
+                    "previous  revision {prev}{}",
+                    state
+                        .previous_image
+                        .as_deref()
+                        .map(|i| format!(" ({i})"))
+                        .unwrap_or_default()
+                );
             }
             if let Some(f) = &state.failure {
                 println!("failure   {}: {}", f.stage, f.reason);
@@ -451,7 +627,10 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
             if !state.status().is_terminal() {
                 println!("waiting   {}", waiting_for(&state));
             }
-            println!("events    {} (last: {last}); all of them: baton logs {rid}", state.events);
+            println!(
+                "events    {} (last: {last}); all of them: baton logs {rid}",
+                state.events
+            );
         }
     }
     Ok(())
@@ -493,9 +672,17 @@ mod tests {
         assert_eq!(t("2026-11-26T09:30:00Z").unwrap(), 1_795_685_400);
         assert_eq!(t("2026-11-26T11:30:00+02:00").unwrap(), 1_795_685_400);
         assert_eq!(t("2026-11-26T09:30:00.250Z").unwrap(), 1_795_685_400);
-        for bad in ["yesterday", "2026-13-01T00:00:00Z", "2026-11-26 09:30", "2026-11-26T09:30:00"] {
+        for bad in [
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-11-26 09:30",
+            "2026-11-26T09:30:00",
+        ] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
         }
-        assert_eq!(store::rfc3339(parse_rfc3339("2026-11-26T09:30:00Z").unwrap()), "2026-11-26T09:30:00Z");
+        assert_eq!(
+            store::rfc3339(parse_rfc3339("2026-11-26T09:30:00Z").unwrap()),
+            "2026-11-26T09:30:00Z"
+        );
     }
 }

@@ -145,7 +145,11 @@ impl Command {
                 nats_only,
                 bus_config,
             } => up(env_file, nodes, nats_only, bus_config).await,
-            Command::Apply { file, kubeconfig, wait } => crate::manifests::apply_file(&file, &kubeconfig, wait).await,
+            Command::Apply {
+                file,
+                kubeconfig,
+                wait,
+            } => crate::manifests::apply_file(&file, &kubeconfig, wait).await,
             Command::PushImage {
                 image,
                 env,
@@ -232,7 +236,8 @@ async fn apply_bus(sandbox: &Sandbox, bus_config_dir: &std::path::Path) -> anyho
     )
     .await?;
     let defs = baton_core::busconfig::Definitions::load(bus_config_dir)?;
-    let report = baton_core::busconfig::apply(bus.jetstream(), &defs, &["sandbox".to_owned()]).await?;
+    let report =
+        baton_core::busconfig::apply(bus.jetstream(), &defs, &["sandbox".to_owned()]).await?;
     info!(changes = report.changed(), "bus applied");
     Ok(())
 }

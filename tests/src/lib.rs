@@ -62,9 +62,13 @@ impl BusEnv {
             .context("starting nats-server")?;
         let env = BusEnv { sandbox };
         let admin = env.bus("admin").await?;
-        busconfig::apply(admin.jetstream(), &Definitions::embedded()?, &[CLUSTER.to_owned()])
-            .await
-            .context("applying the bus")?;
+        busconfig::apply(
+            admin.jetstream(),
+            &Definitions::embedded()?,
+            &[CLUSTER.to_owned()],
+        )
+        .await
+        .context("applying the bus")?;
         Ok(env)
     }
 
@@ -211,8 +215,9 @@ impl AgentProcess {
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
-                    "{}: {series} is {v}, expected at least {at_least} within {timeout:?}",
-                    self.name
+                    "{}: {series} is {v}, expected at least {at_least} within {timeout:?}; its log ends:\n{}",
+                    self.name,
+                    self.process.log_tail(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

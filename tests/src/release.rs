@@ -17,7 +17,13 @@ use baton_core::names::ReleaseId;
 use crate::cluster::{deployment, shared, ClusterInfo, TestNamespace};
 use crate::{target_bin, AgentProcess, BusEnv, CLUSTER};
 
-pub const AGENTS: [&str; 5] = ["builder", "deployer", "health-checker", "rollback", "metrics"];
+pub const AGENTS: [&str; 5] = [
+    "builder",
+    "deployer",
+    "health-checker",
+    "rollback",
+    "metrics",
+];
 pub const PORT: i32 = 8080;
 
 /// Everything an end-to-end test needs; dropped at the end of the test.
@@ -65,40 +71,88 @@ impl Baton {
         let ns = TestNamespace::create(&cluster, prefix).await?;
         let repo = format!("{}-web", ns.name);
         let registry = cluster.registry()?;
-        registry.push_image(&repo, "v1", &[("BATON_SIM_HEALTH".into(), "ok".into())]).await?;
+        registry
+            .push_image(&repo, "v1", &[("BATON_SIM_HEALTH".into(), "ok".into())])
+            .await?;
         let client = cluster.client().await?;
         let deployments: Api<Deployment> = Api::namespaced(client, &ns.name);
         let v1 = format!("{}/{repo}:v1", cluster.registry);
-        deployments.create(&PostParams::default(), &deployment("web", &v1, 2, PORT, &[])).await?;
-        let available = kube::runtime::wait::await_condition(deployments.clone(), "web", |d: Option<&Deployment>| {
-            d.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas) == Some(2)
-        });
-        tokio::time::timeout(Duration::from_secs(120), available).await.context("web:v1 never became available")??;
+        deployments
+            .create(
+                &PostParams::default(),
+                &deployment("web", &v1, 2, PORT, &[]),
+            )
+            .await?;
+        let available = kube::runtime::wait::await_condition(
+            deployments.clone(),
+            "web",
+            |d: Option<&Deployment>| {
+                d.and_then(|d| d.status.as_ref())
+                    .and_then(|s| s.available_replicas)
+                    == Some(2)
+            },
+        );
+        tokio::time::timeout(Duration::from_secs(120), available)
+            .await
+            .context("web:v1 never became available")??;
 
         let bus = BusEnv::start().await?;
         let kubeconfig = cluster.kubeconfig.display().to_string();
         let mut agents = Vec::new();
         for name in AGENTS {
-            let env = [("KUBECONFIG", kubeconfig.as_str()), ("BATON_PLAIN_HTTP_REGISTRIES", cluster.registry.as_str())];
+            let env = [
+                ("KUBECONFIG", kubeconfig.as_str()),
+                ("BATON_PLAIN_HTTP_REGISTRIES", cluster.registry.as_str()),
+            ];
             agents.push(AgentProcess::start(&bus, name, &env, bus.sandbox.dir()).await?);
         }
-        let baton = Baton { cluster, ns, bus, agents, app: "web".into(), env: "test".into(), repo };
-        baton.apply_config(&config_yaml(&baton.ns.name, "{duration: 3s, interval: 1s, failure_limit: 0}")).await?;
+        let baton = Baton {
+            cluster,
+            ns,
+            bus,
+            agents,
+            app: "web".into(),
+            env: "test".into(),
+            repo,
+        };
+        baton
+            .apply_config(&config_yaml(
+                &baton.ns.name,
+                "{duration: 3s, interval: 1s, failure_limit: 0}",
+            ))
+            .await?;
         Ok(baton)
     }
 
     pub async fn apply_config(&self, yaml: &str) -> Result<()> {
-        let path = self.bus.sandbox.dir().join(format!("baton-{}.yaml", uuid::Uuid::new_v4().simple()));
+        let path = self
+            .bus
+            .sandbox
+            .dir()
+            .join(format!("baton-{}.yaml", uuid::Uuid::new_v4().simple()));
         std::fs::write(&path, yaml)?;
-        let out = self.baton(&["config", "apply", &path.display().to_string()]).await?;
-        ensure!(out.status.success(), "config apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .baton(&["config", "apply", &path.display().to_string()])
+            .await?;
+        ensure!(
+            out.status.success(),
+            "config apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     }
 
     /// Pushes `<repo>:<tag>` with the given simulated behaviour; returns its reference and digest.
     pub async fn push(&self, tag: &str, env: &[(&str, &str)]) -> Result<(String, String)> {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
-        let digest = self.cluster.registry()?.push_image(&self.repo, tag, &env).await?;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        let digest = self
+            .cluster
+            .registry()?
+            .push_image(&self.repo, tag, &env)
+            .await?;
         Ok((self.image(tag), digest))
     }
 
@@ -120,7 +174,16 @@ impl Baton {
     /// `baton release web --env test --image IMAGE [--wait]`; returns the exit code, the
     /// release id and the output.
     pub async fn release(&self, image: &str, wait: bool) -> Result<(i32, ReleaseId, String)> {
-        let mut args = vec!["release", self.app.as_str(), "--env", self.env.as_str(), "--image", image, "--timeout", "5m"];
+        let mut args = vec![
+            "release",
+            self.app.as_str(),
+            "--env",
+            self.env.as_str(),
+            "--image",
+            image,
+            "--timeout",
+            "5m",
+        ];
         if wait {
             args.push("--wait");
         }
@@ -131,7 +194,11 @@ impl Baton {
             .split_whitespace()
             .find_map(|w| ReleaseId::parse(w.trim_end_matches(':')).ok())
             .with_context(|| format!("no release id in the output: {stdout}{stderr}"))?;
-        Ok((out.status.code().unwrap_or(-1), rid, format!("{stdout}{stderr}")))
+        Ok((
+            out.status.code().unwrap_or(-1),
+            rid,
+            format!("{stdout}{stderr}"),
+        ))
     }
 
     /// The release's events, in stream order.
@@ -140,12 +207,19 @@ impl Baton {
     }
 
     pub async fn types(&self, rid: ReleaseId) -> Result<Vec<EventType>> {
-        Ok(self.events(rid).await?.iter().map(|e| e.event_type).collect())
+        Ok(self
+            .events(rid)
+            .await?
+            .iter()
+            .map(|e| e.event_type)
+            .collect())
     }
 
     pub async fn deployment(&self) -> Result<Deployment> {
         let client = self.cluster.client().await?;
-        Ok(Api::<Deployment>::namespaced(client, &self.ns.name).get("web").await?)
+        Ok(Api::<Deployment>::namespaced(client, &self.ns.name)
+            .get("web")
+            .await?)
     }
 
     /// The image of the Deployment's `app` container.
@@ -160,7 +234,10 @@ impl Baton {
     }
 
     pub fn agent(&mut self, name: &str) -> Result<&mut AgentProcess> {
-        self.agents.iter_mut().find(|a| a.name == name).with_context(|| format!("no agent {name}"))
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .with_context(|| format!("no agent {name}"))
     }
 
     /// Log folder of the agents (kept with the nats-server's).
@@ -173,4 +250,65 @@ impl Baton {
 pub fn in_order(types: &[EventType], wanted: &[EventType]) -> bool {
     let mut it = types.iter();
     wanted.iter().all(|w| it.any(|t| t == w))
+}
+
+impl Baton {
+    /// Kills an agent with SIGKILL and starts a new one in its place (same flags, same env).
+    pub async fn restart_agent(&mut self, name: &str) -> Result<()> {
+        let kubeconfig = self.cluster.kubeconfig.display().to_string();
+        let registry = self.cluster.registry.clone();
+        let agent = self.agent(name)?;
+        agent.process.kill9().await?;
+        let env = [
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("BATON_PLAIN_HTTP_REGISTRIES", registry.as_str()),
+        ];
+        let fresh = AgentProcess::start(&self.bus, name, &env, self.bus.sandbox.dir()).await?;
+        if let Some(slot) = self.agents.iter_mut().find(|a| a.name == name) {
+            *slot = fresh;
+        }
+        Ok(())
+    }
+
+    /// Waits until the release's history contains `t` (watching the stream, polled briefly).
+    pub async fn wait_for_event(
+        &self,
+        rid: ReleaseId,
+        t: EventType,
+        timeout: Duration,
+    ) -> Result<Vec<Event>> {
+        crate::eventually(&format!("{t} of release {rid}"), timeout, || async move {
+            let events = self.events(rid).await?;
+            Ok(events.iter().any(|e| e.event_type == t).then_some(events))
+        })
+        .await
+    }
+
+    /// Waits until the release has ended; returns its events.
+    pub async fn wait_for_end(&self, rid: ReleaseId, timeout: Duration) -> Result<Vec<Event>> {
+        crate::eventually(
+            &format!("the end of release {rid}"),
+            timeout,
+            || async move {
+                let events = self.events(rid).await?;
+                Ok(events
+                    .iter()
+                    .any(|e| e.event_type.is_terminal())
+                    .then_some(events))
+            },
+        )
+        .await
+    }
+}
+
+/// Every event type that appears more than once in a history.
+pub fn repeated(events: &[Event]) -> Vec<EventType> {
+    let mut seen = std::collections::BTreeMap::new();
+    for e in events {
+        *seen.entry(e.event_type).or_insert(0) += 1;
+    }
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(t, _)| t)
+        .collect()
 }

@@ -137,7 +137,10 @@ impl ConsumerDef {
         def.durable = format!("{}-{cluster}-{}", self.agent, self.suffix);
         def.config["durable_name"] = Value::String(def.durable.clone());
         let what = self.event_type.map_or("every event", |t| t.as_str());
-        def.config["description"] = Value::String(format!("{} in cluster {cluster} reacts to {what}", self.agent));
+        def.config["description"] = Value::String(format!(
+            "{} in cluster {cluster} reacts to {what}",
+            self.agent
+        ));
         def
     }
 
@@ -396,7 +399,11 @@ fn to_value<T: serde::Serialize>(kind: &'static str, name: &str, v: &T) -> Resul
 
 /// Creates or updates every definition on the server; per-cluster consumers for each of
 /// `clusters` (agents also create their own at start).
-pub async fn apply(js: &jetstream::Context, defs: &Definitions, clusters: &[String]) -> Result<ApplyReport> {
+pub async fn apply(
+    js: &jetstream::Context,
+    defs: &Definitions,
+    clusters: &[String],
+) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
     for (name, desired) in &defs.streams {
         let action = apply_stream(js, name, desired).await?;
@@ -709,15 +716,25 @@ mod tests {
         let defs = Definitions::embedded().unwrap();
         let a = defs.consumers_for(Role::Deployer, "eu-west");
         let b = defs.consumers_for(Role::Deployer, "us-east");
-        assert!(a.iter().any(|c| c.durable == "deployer-eu-west-build-succeeded"));
-        assert!(b.iter().any(|c| c.durable == "deployer-us-east-build-succeeded"));
+        assert!(a
+            .iter()
+            .any(|c| c.durable == "deployer-eu-west-build-succeeded"));
+        assert!(b
+            .iter()
+            .any(|c| c.durable == "deployer-us-east-build-succeeded"));
         assert_eq!(a[0].config["durable_name"], a[0].durable.as_str());
         // The builder and metrics agents share one consumer across clusters.
-        assert_eq!(defs.consumers_for(Role::Builder, "eu-west"), defs.consumers_for(Role::Builder, "us-east"));
+        assert_eq!(
+            defs.consumers_for(Role::Builder, "eu-west"),
+            defs.consumers_for(Role::Builder, "us-east")
+        );
         let all = defs.concrete_consumers(&["x".into(), "y".into()]);
         assert_eq!(
             all.len(),
-            defs.consumers.iter().map(|c| if c.per_cluster { 2 } else { 1 }).sum::<usize>()
+            defs.consumers
+                .iter()
+                .map(|c| if c.per_cluster { 2 } else { 1 })
+                .sum::<usize>()
         );
     }
 

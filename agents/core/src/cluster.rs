@@ -19,18 +19,26 @@ pub enum ClusterError {
 
 /// A client for the agent's cluster: `--in-cluster`, else `--kubeconfig`, else the usual
 /// inference ($KUBECONFIG, ~/.kube/config, in-cluster).
-pub async fn client(kubeconfig: Option<&Path>, in_cluster: bool) -> Result<kube::Client, ClusterError> {
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    in_cluster: bool,
+) -> Result<kube::Client, ClusterError> {
     crate::telemetry::install_crypto_provider();
     let config = if in_cluster {
         kube::Config::incluster().map_err(|e| ClusterError::InCluster(e.to_string()))?
     } else if let Some(path) = kubeconfig {
-        let err = |message: String| ClusterError::Kubeconfig { path: path.display().to_string(), message };
+        let err = |message: String| ClusterError::Kubeconfig {
+            path: path.display().to_string(),
+            message,
+        };
         let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
         kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
             .map_err(|e| err(e.to_string()))?
     } else {
-        kube::Config::infer().await.map_err(|e| ClusterError::Client(e.to_string()))?
+        kube::Config::infer()
+            .await
+            .map_err(|e| ClusterError::Client(e.to_string()))?
     };
     kube::Client::try_from(config).map_err(|e| ClusterError::Client(e.to_string()))
 }

@@ -26,9 +26,9 @@ use crate::busconfig::ConsumerDef;
 use crate::error::{Error, Result};
 use crate::event::{Event, Role};
 use crate::ids::EventKey;
-use baton_proto::v1::envelope::Payload;
 use crate::metrics::{names, Metrics};
 use crate::subject::{self, EventSubject};
+use baton_proto::v1::envelope::Payload;
 
 /// The largest part of an original message kept in a dead letter.
 pub const DLQ_MAX_ORIGINAL: usize = 512 * 1024;
@@ -91,8 +91,14 @@ impl AgentContext {
     /// Publishes an event of the same release, environment and app as `cause`, caused by it and
     /// on behalf of the same actor. `key` makes its id deterministic: handling `cause` again
     /// publishes nothing new.
-    pub async fn emit(&self, cause: &Delivery, key: EventKey<'_>, payload: Payload) -> Result<Event> {
-        self.emit_for(&cause.subject, &cause.event, key, payload).await
+    pub async fn emit(
+        &self,
+        cause: &Delivery,
+        key: EventKey<'_>,
+        payload: Payload,
+    ) -> Result<Event> {
+        self.emit_for(&cause.subject, &cause.event, key, payload)
+            .await
     }
 
     /// As [`emit`](Self::emit), for a release known by its subject parts and the event to name
@@ -112,9 +118,17 @@ impl AgentContext {
             cause.envelope.actor.clone(),
             cause.envelope.id.clone(),
         );
-        let subject = EventSubject::new(release.env.clone(), release.app.clone(), release.release_id, event.event_type);
+        let subject = EventSubject::new(
+            release.env.clone(),
+            release.app.clone(),
+            release.release_id,
+            event.event_type,
+        );
         let (_, duplicate) = self.bus.publish(&subject, &event).await?;
-        self.metrics.inc(names::EVENTS_PUBLISHED, &[("type", event.event_type.as_str())]);
+        self.metrics.inc(
+            names::EVENTS_PUBLISHED,
+            &[("type", event.event_type.as_str())],
+        );
         if duplicate {
             tracing::debug!(event_type = %event.event_type, "already published");
         } else {
@@ -124,7 +138,10 @@ impl AgentContext {
     }
 
     /// The release's whole history, folded.
-    pub async fn release_state(&self, release_id: crate::names::ReleaseId) -> Result<(Vec<Event>, crate::fold::ReleaseState)> {
+    pub async fn release_state(
+        &self,
+        release_id: crate::names::ReleaseId,
+    ) -> Result<(Vec<Event>, crate::fold::ReleaseState)> {
         let events = self.bus.release_history(release_id).await?;
         let state = crate::fold::fold(&events);
         Ok((events, state))

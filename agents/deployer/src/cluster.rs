@@ -23,23 +23,42 @@ pub struct Checked {
 
 fn read(what: &str, namespace: &str) -> impl FnOnce(kube::Error) -> Error {
     let (what, namespace) = (what.to_owned(), namespace.to_owned());
-    move |source| Error::Read { what, namespace, source }
+    move |source| Error::Read {
+        what,
+        namespace,
+        source,
+    }
 }
 
 /// Runs the pre-checks; `Ok(Err(reason))` when the release must not go ahead.
-pub async fn prechecks(client: &Client, spec: &ReleaseSpec) -> Result<std::result::Result<Checked, String>> {
+pub async fn prechecks(
+    client: &Client,
+    spec: &ReleaseSpec,
+) -> Result<std::result::Result<Checked, String>> {
     let ns = spec.namespace.as_str();
     match tokio::time::timeout(Duration::from_secs(10), client.apiserver_version()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Ok(Err(format!("cluster unreachable: {e}"))),
         Err(_) => return Ok(Err("cluster unreachable: no answer within 10s".into())),
     }
-    if Api::<Namespace>::all(client.clone()).get_opt(ns).await.map_err(read("the namespace", ns))?.is_none() {
+    if Api::<Namespace>::all(client.clone())
+        .get_opt(ns)
+        .await
+        .map_err(read("the namespace", ns))?
+        .is_none()
+    {
         return Ok(Err(format!("namespace {ns} does not exist")));
     }
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
-    let Some(deployment) = deployments.get_opt(&spec.app).await.map_err(read("the Deployment", ns))? else {
-        return Ok(Err(format!("Deployment {} does not exist in namespace {ns}", spec.app)));
+    let Some(deployment) = deployments
+        .get_opt(&spec.app)
+        .await
+        .map_err(read("the Deployment", ns))?
+    else {
+        return Ok(Err(format!(
+            "Deployment {} does not exist in namespace {ns}",
+            spec.app
+        )));
     };
     let containers: Vec<String> = deployment
         .spec
@@ -74,12 +93,20 @@ pub async fn prechecks(client: &Client, spec: &ReleaseSpec) -> Result<std::resul
             return Ok(Err(reason));
         }
     }
-    Ok(Ok(Checked { deployment, container }))
+    Ok(Ok(Checked {
+        deployment,
+        container,
+    }))
 }
 
 /// Extra pods a rolling update may run at once (maxSurge rounds up, as Kubernetes does).
 pub fn surge_pods(spec: &ReleaseSpec, replicas: i32) -> i64 {
-    let max_surge = spec.rolling.as_ref().map(|r| r.max_surge.as_str()).filter(|s| !s.is_empty()).unwrap_or("25%");
+    let max_surge = spec
+        .rolling
+        .as_ref()
+        .map(|r| r.max_surge.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("25%");
     match max_surge.strip_suffix('%').map(str::parse::<i64>) {
         Some(Ok(pct)) => (i64::from(replicas) * pct + 99) / 100,
         _ => max_surge.parse::<i64>().unwrap_or(1),
@@ -89,8 +116,16 @@ pub fn surge_pods(spec: &ReleaseSpec, replicas: i32) -> i64 {
 /// The CPU (millicores) and memory (bytes) one pod of the template requests.
 fn pod_requests(d: &Deployment) -> BTreeMap<&'static str, i64> {
     let mut out = BTreeMap::new();
-    for c in d.spec.template.spec.iter().flat_map(|s| s.containers.iter()) {
-        let Some(requests) = c.resources.as_ref().and_then(|r| r.requests.as_ref()) else { continue };
+    for c in d
+        .spec
+        .template
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+    {
+        let Some(requests) = c.resources.as_ref().and_then(|r| r.requests.as_ref()) else {
+            continue;
+        };
         if let Some(q) = requests.get("cpu").and_then(|q| parse_cpu(&q.0)) {
             *out.entry("cpu").or_insert(0) += q;
         }
@@ -102,20 +137,38 @@ fn pod_requests(d: &Deployment) -> BTreeMap<&'static str, i64> {
 }
 
 /// Whether a quota can't hold `surge` more pods; the reason names the quota and resource.
-fn quota_shortfall(quota: &ResourceQuota, surge: i64, per_pod: &BTreeMap<&'static str, i64>) -> Option<String> {
+fn quota_shortfall(
+    quota: &ResourceQuota,
+    surge: i64,
+    per_pod: &BTreeMap<&'static str, i64>,
+) -> Option<String> {
     let name = quota.metadata.name.clone().unwrap_or_default();
-    let hard = quota.status.as_ref().and_then(|s| s.hard.clone()).or_else(|| quota.spec.as_ref().and_then(|s| s.hard.clone()))?;
-    let used = quota.status.as_ref().and_then(|s| s.used.clone()).unwrap_or_default();
-    let checks: [(&str, Option<i64>, fn(&str) -> Option<i64>); 6] = [
+    let hard = quota
+        .status
+        .as_ref()
+        .and_then(|s| s.hard.clone())
+        .or_else(|| quota.spec.as_ref().and_then(|s| s.hard.clone()))?;
+    let used = quota
+        .status
+        .as_ref()
+        .and_then(|s| s.used.clone())
+        .unwrap_or_default();
+    let checks: [(&str, Option<i64>, Parse); 6] = [
         ("pods", Some(1), parse_count),
         ("count/pods", Some(1), parse_count),
         ("requests.cpu", per_pod.get("cpu").copied(), parse_cpu),
         ("cpu", per_pod.get("cpu").copied(), parse_cpu),
-        ("requests.memory", per_pod.get("memory").copied(), parse_bytes),
+        (
+            "requests.memory",
+            per_pod.get("memory").copied(),
+            parse_bytes,
+        ),
         ("memory", per_pod.get("memory").copied(), parse_bytes),
     ];
     for (resource, each, parse) in checks {
-        let (Some(limit), Some(each)) = (hard.get(resource).and_then(|q| parse(&q.0)), each) else { continue };
+        let (Some(limit), Some(each)) = (hard.get(resource).and_then(|q| parse(&q.0)), each) else {
+            continue;
+        };
         let in_use = used.get(resource).and_then(|q| parse(&q.0)).unwrap_or(0);
         let need = each * surge;
         if in_use + need > limit {
@@ -128,6 +181,9 @@ fn quota_shortfall(quota: &ResourceQuota, surge: i64, per_pod: &BTreeMap<&'stati
     }
     None
 }
+
+/// Reads a quantity of one resource kind.
+type Parse = fn(&str) -> Option<i64>;
 
 fn parse_count(s: &str) -> Option<i64> {
     s.parse().ok()
@@ -168,7 +224,13 @@ fn int_or_percent(s: &str) -> serde_json::Value {
 
 /// Server-side apply of the new image (and the rolling parameters) to the Deployment, annotated
 /// with the release. Applying the same thing twice changes nothing.
-pub async fn apply_image(client: &Client, spec: &ReleaseSpec, container: &str, image_ref: &str, release_id: &str) -> Result<()> {
+pub async fn apply_image(
+    client: &Client,
+    spec: &ReleaseSpec,
+    container: &str,
+    image_ref: &str,
+    release_id: &str,
+) -> Result<()> {
     let ns = spec.namespace.as_str();
     let rolling = spec.rolling.clone().unwrap_or_default();
     let mut strategy = json!({"type": "RollingUpdate"});
@@ -177,7 +239,10 @@ pub async fn apply_image(client: &Client, spec: &ReleaseSpec, container: &str, i
         params.insert("maxSurge".into(), int_or_percent(&rolling.max_surge));
     }
     if !rolling.max_unavailable.is_empty() {
-        params.insert("maxUnavailable".into(), int_or_percent(&rolling.max_unavailable));
+        params.insert(
+            "maxUnavailable".into(),
+            int_or_percent(&rolling.max_unavailable),
+        );
     }
     if !params.is_empty() {
         strategy["rollingUpdate"] = serde_json::Value::Object(params);
@@ -201,9 +266,17 @@ pub async fn apply_image(client: &Client, spec: &ReleaseSpec, container: &str, i
         }
     });
     Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(&spec.app, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+        .patch(
+            &spec.app,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
         .await
-        .map_err(|source| Error::PatchDeployment { namespace: ns.to_owned(), name: spec.app.clone(), source })?;
+        .map_err(|source| Error::PatchDeployment {
+            namespace: ns.to_owned(),
+            name: spec.app.clone(),
+            source,
+        })?;
     Ok(())
 }
 
@@ -225,7 +298,13 @@ mod tests {
 
     #[test]
     fn surge_rounds_up_like_kubernetes() {
-        let spec = |s: &str| ReleaseSpec { rolling: Some(RollingParams { max_surge: s.into(), max_unavailable: String::new() }), ..Default::default() };
+        let spec = |s: &str| ReleaseSpec {
+            rolling: Some(RollingParams {
+                max_surge: s.into(),
+                max_unavailable: String::new(),
+            }),
+            ..Default::default()
+        };
         assert_eq!(surge_pods(&spec("25%"), 3), 1);
         assert_eq!(surge_pods(&spec("50%"), 3), 2);
         assert_eq!(surge_pods(&spec("2"), 3), 2);
@@ -241,10 +320,19 @@ mod tests {
         }))
         .unwrap();
         let reason = quota_shortfall(&quota, 1, &BTreeMap::new()).unwrap();
-        assert!(reason.contains("small") && reason.contains("pods would be 4 of 3"), "{reason}");
+        assert!(
+            reason.contains("small") && reason.contains("pods would be 4 of 3"),
+            "{reason}"
+        );
         let mut room = quota.clone();
         let q = |v: &str| k8s_openapi::apimachinery::pkg::api::resource::Quantity(v.into());
-        room.status.as_mut().unwrap().used = Some([("pods".to_string(), q("1")), ("requests.cpu".to_string(), q("600m"))].into());
+        room.status.as_mut().unwrap().used = Some(
+            [
+                ("pods".to_string(), q("1")),
+                ("requests.cpu".to_string(), q("600m")),
+            ]
+            .into(),
+        );
         assert_eq!(quota_shortfall(&room, 1, &BTreeMap::new()), None);
         let cpu = quota_shortfall(&room, 1, &[("cpu", 500)].into()).unwrap();
         assert!(cpu.contains("requests.cpu would be 1100 of 1000"), "{cpu}");

@@ -28,7 +28,9 @@ pub fn next(state: &ReleaseState) -> Next {
     if state.failure.is_some() || state.rollback_started || state.abort_requested {
         return Next::Wait("the release failed or is being rolled back");
     }
-    let Some(spec) = &state.spec else { return Next::Wait("no spec yet") };
+    let Some(spec) = &state.spec else {
+        return Next::Wait("no spec yet");
+    };
     if state.image_ref.is_none() {
         return Next::Wait("waiting for the build");
     }
@@ -43,7 +45,10 @@ pub fn next(state: &ReleaseState) -> Next {
     for (i, weight) in steps.iter().enumerate() {
         let step = i as u32;
         if !state.steps_ready.contains(&step) {
-            return Next::Step { step, weight: *weight };
+            return Next::Step {
+                step,
+                weight: *weight,
+            };
         }
         if !state.analyses_passed.contains(&step) {
             return Next::Wait("waiting for the analysis of the step");
@@ -63,7 +68,10 @@ mod tests {
 
     fn state() -> ReleaseState {
         let mut s = ReleaseState::default();
-        s.spec = Some(ReleaseSpec { strategy: Strategy::Rolling as i32, ..Default::default() });
+        s.spec = Some(ReleaseSpec {
+            strategy: Strategy::Rolling as i32,
+            ..Default::default()
+        });
         s
     }
 
@@ -88,27 +96,64 @@ mod tests {
             s
         };
         let cases: Vec<(&str, ReleaseState, Next)> = vec![
-            ("no spec", ReleaseState::default(), Next::Wait("no spec yet")),
+            (
+                "no spec",
+                ReleaseState::default(),
+                Next::Wait("no spec yet"),
+            ),
             ("not built", state(), Next::Wait("waiting for the build")),
             ("built", built(state()), Next::PreCheck),
-            ("started", started(built(state())), Next::Step { step: 0, weight: 100 }),
-            ("step ready", ready(started(built(state()))), Next::Wait("waiting for the analysis of the step")),
-            ("analysis passed", passed(ready(started(built(state())))), Next::Complete),
-            ("ended", {
-                let mut s = passed(ready(started(built(state()))));
-                s.terminal = Some(EventType::ReleaseSucceeded);
-                s
-            }, Next::Wait("the release has ended")),
-            ("failed", {
-                let mut s = ready(started(built(state())));
-                s.failure = Some(baton_core::fold::Failure { stage: EventType::AnalysisFailed, step: Some(0), reason: "x".into() });
-                s
-            }, Next::Wait("the release failed or is being rolled back")),
-            ("canary not yet", {
-                let mut s = built(state());
-                if let Some(spec) = s.spec.as_mut() { spec.strategy = Strategy::Canary as i32 }
-                s
-            }, Next::Unsupported(Strategy::Canary)),
+            (
+                "started",
+                started(built(state())),
+                Next::Step {
+                    step: 0,
+                    weight: 100,
+                },
+            ),
+            (
+                "step ready",
+                ready(started(built(state()))),
+                Next::Wait("waiting for the analysis of the step"),
+            ),
+            (
+                "analysis passed",
+                passed(ready(started(built(state())))),
+                Next::Complete,
+            ),
+            (
+                "ended",
+                {
+                    let mut s = passed(ready(started(built(state()))));
+                    s.terminal = Some(EventType::ReleaseSucceeded);
+                    s
+                },
+                Next::Wait("the release has ended"),
+            ),
+            (
+                "failed",
+                {
+                    let mut s = ready(started(built(state())));
+                    s.failure = Some(baton_core::fold::Failure {
+                        stage: EventType::AnalysisFailed,
+                        step: Some(0),
+                        reason: "x".into(),
+                    });
+                    s
+                },
+                Next::Wait("the release failed or is being rolled back"),
+            ),
+            (
+                "canary not yet",
+                {
+                    let mut s = built(state());
+                    if let Some(spec) = s.spec.as_mut() {
+                        spec.strategy = Strategy::Canary as i32
+                    }
+                    s
+                },
+                Next::Unsupported(Strategy::Canary),
+            ),
         ];
         for (name, s, expected) in cases {
             assert_eq!(next(&s), expected, "{name}");

@@ -11,9 +11,17 @@ pub enum Error {
     #[error("lock {key}: {message}")]
     Lock { key: String, message: String },
     #[error("reading {what} in namespace {namespace}: {source}")]
-    Read { what: String, namespace: String, source: kube::Error },
+    Read {
+        what: String,
+        namespace: String,
+        source: kube::Error,
+    },
     #[error("applying the new image to Deployment {namespace}/{name}: {source}")]
-    PatchDeployment { namespace: String, name: String, source: kube::Error },
+    PatchDeployment {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("following the rollout: {0}")]
     Rollout(#[from] baton_core::rollout::WaitError),
     #[error("release {release_id} has no spec (no release.requested in its history)")]

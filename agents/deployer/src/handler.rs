@@ -36,12 +36,19 @@ pub struct Deployer {
 
 impl Deployer {
     pub fn new(client: kube::Client) -> Self {
-        Self { client, driving: Arc::default() }
+        Self {
+            client,
+            driving: Arc::default(),
+        }
     }
 }
 
 impl Handler for Deployer {
-    fn handle<'a>(&'a self, ctx: &'a AgentContext, d: Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        d: Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move { self.on_event(ctx, d).await.map_err(HandlerError::from) })
     }
 }
@@ -69,8 +76,13 @@ impl Deployer {
         match d.event.event_type {
             EventType::ReleaseRequested => self.on_requested(ctx, &d, &state).await,
             EventType::BuildSucceeded => {
-                if self.lock_for(ctx, &d.subject, d.subject.release_id, &state).await? == Lock::Held {
-                    self.drive(ctx, &d.subject, &d.event, &events, state).await?;
+                if self
+                    .lock_for(ctx, &d.subject, d.subject.release_id, &state)
+                    .await?
+                    == Lock::Held
+                {
+                    self.drive(ctx, &d.subject, &d.event, &events, state)
+                        .await?;
                 }
                 Ok(())
             }
@@ -80,35 +92,57 @@ impl Deployer {
                 }
                 Ok(())
             }
-            EventType::ReleaseSucceeded | EventType::ReleaseFailed | EventType::ReleaseRolledBack => {
-                self.on_ended(ctx, &d).await
-            }
+            EventType::ReleaseSucceeded
+            | EventType::ReleaseFailed
+            | EventType::ReleaseRolledBack => self.on_ended(ctx, &d).await,
             // Manual control of progressive strategies; a rolling release has no steps to hold.
             _ => Ok(()),
         }
     }
 
-    async fn on_requested(&self, ctx: &AgentContext, d: &Delivery, state: &ReleaseState) -> Result<()> {
+    async fn on_requested(
+        &self,
+        ctx: &AgentContext,
+        d: &Delivery,
+        state: &ReleaseState,
+    ) -> Result<()> {
         if state.terminal.is_some() {
             return Ok(());
         }
-        match self.lock_for(ctx, &d.subject, d.subject.release_id, state).await? {
+        match self
+            .lock_for(ctx, &d.subject, d.subject.release_id, state)
+            .await?
+        {
             Lock::Held => {
                 tracing::info!("lock taken; the release goes ahead once built");
                 Ok(())
             }
             Lock::HeldBy(other) => {
                 tracing::info!(blocking = %other, "another release of this app is in flight; queued");
-                ctx.emit(d, EventKey::Once, Payload::ReleaseQueued(ReleaseQueued { blocking_release_id: other }))
-                    .await?;
+                ctx.emit(
+                    d,
+                    EventKey::Once,
+                    Payload::ReleaseQueued(ReleaseQueued {
+                        blocking_release_id: other,
+                    }),
+                )
+                .await?;
                 Ok(())
             }
         }
     }
 
     /// Takes the app's lock for `release`, freeing it first if its holder has already ended.
-    async fn lock_for(&self, ctx: &AgentContext, subject: &EventSubject, release: ReleaseId, state: &ReleaseState) -> Result<Lock> {
-        if state.terminal.is_some() {
+    async fn lock_for(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        release: ReleaseId,
+        state: &ReleaseState,
+    ) -> Result<Lock> {
+        // Only a requested, unfinished release may hold the app: a stray event of a release
+        // without its request must never lock others out.
+        if state.terminal.is_some() || state.spec.is_none() {
             return Ok(Lock::HeldBy(String::new()));
         }
         let store = ctx.bus.kv(LOCKS_BUCKET).await?;
@@ -132,10 +166,19 @@ impl Deployer {
     }
 
     /// Carries the release as far as it can go now: pre-checks, then the step that is due.
-    async fn drive(&self, ctx: &AgentContext, subject: &EventSubject, cause: &Event, events: &[Event], state: ReleaseState) -> Result<()> {
+    async fn drive(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        cause: &Event,
+        events: &[Event],
+        state: ReleaseState,
+    ) -> Result<()> {
         let rid = subject.release_id;
         {
-            let Ok(mut set) = self.driving.lock() else { return Ok(()) };
+            let Ok(mut set) = self.driving.lock() else {
+                return Ok(());
+            };
             if !set.insert(rid) {
                 tracing::debug!("already driving this release");
                 return Ok(());
@@ -153,15 +196,22 @@ impl Deployer {
                     return Ok(());
                 }
                 Next::Unsupported(strategy) => {
-                    let reason = format!("strategy {} is not supported by this deployer", strategy.as_str_name());
-                    self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason).await?;
+                    let reason = format!(
+                        "strategy {} is not supported by this deployer",
+                        strategy.as_str_name()
+                    );
+                    self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason)
+                        .await?;
                     return Ok(());
                 }
                 Next::PreCheck => {
-                    let spec = state.spec.clone().ok_or(Error::NoSpec { release_id: rid.to_string() })?;
+                    let spec = state.spec.clone().ok_or(Error::NoSpec {
+                        release_id: rid.to_string(),
+                    })?;
                     match cluster::prechecks(&self.client, &spec).await? {
                         Err(reason) => {
-                            self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason).await?;
+                            self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason)
+                                .await?;
                             return Ok(());
                         }
                         Ok(checked) => {
@@ -171,7 +221,9 @@ impl Deployer {
                                 .template
                                 .spec
                                 .as_ref()
-                                .and_then(|s| s.containers.iter().find(|c| c.name == checked.container))
+                                .and_then(|s| {
+                                    s.containers.iter().find(|c| c.name == checked.container)
+                                })
                                 .and_then(|c| c.image.clone())
                                 .unwrap_or_default();
                             let revision = checked
@@ -190,7 +242,8 @@ impl Deployer {
                                     previous_revision: revision,
                                     previous_image: image,
                                     workload: spec.app.clone(),
-                                    replicas: checked.deployment.spec.replicas.unwrap_or(1).max(0) as u32,
+                                    replicas: checked.deployment.spec.replicas.unwrap_or(1).max(0)
+                                        as u32,
                                 }),
                             )
                             .await?;
@@ -198,7 +251,10 @@ impl Deployer {
                     }
                 }
                 Next::Step { step, weight } => {
-                    if !self.step(ctx, subject, cause, &events, &state, step, weight).await? {
+                    if !self
+                        .step(ctx, subject, cause, &events, &state, step, weight)
+                        .await?
+                    {
                         return Ok(());
                     }
                 }
@@ -225,13 +281,24 @@ impl Deployer {
         weight: u32,
     ) -> Result<bool> {
         let rid = subject.release_id;
-        let spec = state.spec.clone().ok_or(Error::NoSpec { release_id: rid.to_string() })?;
+        let spec = state.spec.clone().ok_or(Error::NoSpec {
+            release_id: rid.to_string(),
+        })?;
         let image_ref = state.image_ref.clone().unwrap_or_default();
-        let started_event = match events.iter().find(|e| {
-            matches!(e.payload(), Some(Payload::DeployStepStarted(s)) if s.step == step)
-        }) {
+        let started_event = match events
+            .iter()
+            .find(|e| matches!(e.payload(), Some(Payload::DeployStepStarted(s)) if s.step == step))
+        {
             Some(e) => e.clone(),
-            None => ctx.emit_for(subject, cause, EventKey::Step(step), Payload::DeployStepStarted(DeployStepStarted { step, weight })).await?,
+            None => {
+                ctx.emit_for(
+                    subject,
+                    cause,
+                    EventKey::Step(step),
+                    Payload::DeployStepStarted(DeployStepStarted { step, weight }),
+                )
+                .await?
+            }
         };
         // The step's deadline counts from its event, so a restarted deployer keeps it.
         let started = started_event
@@ -240,26 +307,50 @@ impl Deployer {
             .as_ref()
             .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_ms(t).max(0) as u64))
             .unwrap_or_else(SystemTime::now);
-        let container = cluster::prechecks(&self.client, &spec).await?.map(|c| c.container).unwrap_or_else(|_| spec.container.clone());
-        cluster::apply_image(&self.client, &spec, &container, &image_ref, &rid.to_string()).await?;
+        let container = cluster::prechecks(&self.client, &spec)
+            .await?
+            .map(|c| c.container)
+            .unwrap_or_else(|_| spec.container.clone());
+        cluster::apply_image(
+            &self.client,
+            &spec,
+            &container,
+            &image_ref,
+            &rid.to_string(),
+        )
+        .await?;
         let timeout = match spec.step_timeout_seconds {
             0 => DEFAULT_STEP_TIMEOUT,
             s => Duration::from_secs(u64::from(s)),
         };
-        let outcome = rollout::wait(&self.client, &spec.namespace, &spec.app, started, timeout, &ctx.shutdown, |msg| {
-            tracing::info!(step, progress = msg, "rolling out");
-        })
+        let outcome = rollout::wait(
+            &self.client,
+            &spec.namespace,
+            &spec.app,
+            started,
+            timeout,
+            &ctx.shutdown,
+            |msg| {
+                tracing::info!(step, progress = msg, "rolling out");
+            },
+        )
         .await?;
         match outcome {
             Rollout::Complete { pods, revision } => {
                 tracing::info!(step, %revision, pods = pods.len(), "step ready");
-                ctx.emit_for(subject, cause, EventKey::Step(step), Payload::DeployStepReady(DeployStepReady { step, weight, pods }))
-                    .await?;
+                ctx.emit_for(
+                    subject,
+                    cause,
+                    EventKey::Step(step),
+                    Payload::DeployStepReady(DeployStepReady { step, weight, pods }),
+                )
+                .await?;
                 Ok(true)
             }
             Rollout::Failed(problem) => {
                 let kind = problem.kind;
-                self.fail(ctx, subject, cause, step, kind, true, problem.reason).await?;
+                self.fail(ctx, subject, cause, step, kind, true, problem.reason)
+                    .await?;
                 Ok(false)
             }
             Rollout::Progressing(_) => Ok(false),
@@ -278,22 +369,58 @@ impl Deployer {
         reason: String,
     ) -> Result<()> {
         tracing::warn!(step, %reason, "deploy failed");
-        ctx.emit_for(subject, cause, EventKey::Once, Payload::DeployFailed(DeployFailed { step, reason, kind: kind as i32, cluster_changed }))
-            .await?;
+        ctx.emit_for(
+            subject,
+            cause,
+            EventKey::Once,
+            Payload::DeployFailed(DeployFailed {
+                step,
+                reason,
+                kind: kind as i32,
+                cluster_changed,
+            }),
+        )
+        .await?;
         Ok(())
     }
 
-    async fn complete(&self, ctx: &AgentContext, subject: &EventSubject, cause: &Event, state: &ReleaseState) -> Result<()> {
+    async fn complete(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        cause: &Event,
+        state: &ReleaseState,
+    ) -> Result<()> {
         let image_ref = state.image_ref.clone().unwrap_or_default();
-        let spec = state.spec.clone().ok_or(Error::NoSpec { release_id: subject.release_id.to_string() })?;
+        let spec = state.spec.clone().ok_or(Error::NoSpec {
+            release_id: subject.release_id.to_string(),
+        })?;
         let revision = rollout::snapshot(&self.client, &spec.namespace, &spec.app)
             .await?
             .deployment
-            .and_then(|d| d.metadata.annotations.and_then(|a| a.get(rollout::REVISION).cloned()))
+            .and_then(|d| {
+                d.metadata
+                    .annotations
+                    .and_then(|a| a.get(rollout::REVISION).cloned())
+            })
             .unwrap_or_default();
-        ctx.emit_for(subject, cause, EventKey::Once, Payload::DeployCompleted(DeployCompleted { revision, image_ref: image_ref.clone() }))
-            .await?;
-        ctx.emit_for(subject, cause, EventKey::Once, Payload::ReleaseSucceeded(ReleaseSucceeded { image_ref })).await?;
+        ctx.emit_for(
+            subject,
+            cause,
+            EventKey::Once,
+            Payload::DeployCompleted(DeployCompleted {
+                revision,
+                image_ref: image_ref.clone(),
+            }),
+        )
+        .await?;
+        ctx.emit_for(
+            subject,
+            cause,
+            EventKey::Once,
+            Payload::ReleaseSucceeded(ReleaseSucceeded { image_ref }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -309,10 +436,20 @@ impl Deployer {
                 continue;
             }
             let (events, state) = ctx.release_state(candidate).await?;
-            if state.terminal.is_some() || state.spec.as_ref().is_some_and(|s| !s.cluster.is_empty() && s.cluster != ctx.cluster) {
+            if state.terminal.is_some()
+                || state
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| !s.cluster.is_empty() && s.cluster != ctx.cluster)
+            {
                 continue;
             }
-            let subject = EventSubject::new(d.subject.env.clone(), d.subject.app.clone(), candidate, EventType::ReleaseRequested);
+            let subject = EventSubject::new(
+                d.subject.env.clone(),
+                d.subject.app.clone(),
+                candidate,
+                EventType::ReleaseRequested,
+            );
             match self.lock_for(ctx, &subject, candidate, &state).await? {
                 Lock::Held => {
                     tracing::info!(next = %candidate, "starting the next queued release");
@@ -329,8 +466,18 @@ impl Deployer {
 
 /// The release ids of an app in an environment, in the order they were requested.
 async fn app_releases(ctx: &AgentContext, env: &EnvName, app: &AppName) -> Result<Vec<ReleaseId>> {
-    let err = |e: String| Error::Bus(baton_core::error::Error::Stream { stream: EVENTS_STREAM.into(), message: e });
-    let stream = ctx.bus.jetstream().get_stream(EVENTS_STREAM).await.map_err(|e| err(e.to_string()))?;
+    let err = |e: String| {
+        Error::Bus(baton_core::error::Error::Stream {
+            stream: EVENTS_STREAM.into(),
+            message: e,
+        })
+    };
+    let stream = ctx
+        .bus
+        .jetstream()
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     let mut consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: format!("baton.v1.events.{env}.{app}.*.release.requested"),
@@ -339,13 +486,20 @@ async fn app_releases(ctx: &AgentContext, env: &EnvName, app: &AppName) -> Resul
         })
         .await
         .map_err(|e| err(e.to_string()))?;
-    let pending = consumer.info().await.map_err(|e| err(e.to_string()))?.num_pending;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .num_pending;
     let mut ids = Vec::new();
     if pending == 0 {
         return Ok(ids);
     }
     let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.map_err(|_| err("timed out".into()))? {
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .map_err(|_| err("timed out".into()))?
+    {
         let m = m.map_err(|e| err(e.to_string()))?;
         if let Ok(s) = EventSubject::parse(&m.subject) {
             if !ids.contains(&s.release_id) {

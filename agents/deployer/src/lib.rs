@@ -19,7 +19,11 @@ use baton_core::Role;
 
 /// Command-line flags of `baton-deployer`.
 #[derive(Debug, clap::Parser)]
-#[command(name = "baton-deployer", version, about = "Baton's deployer agent: pre-checks, then the release strategy on the cluster step by step")]
+#[command(
+    name = "baton-deployer",
+    version,
+    about = "Baton's deployer agent: pre-checks, then the release strategy on the cluster step by step"
+)]
 pub struct Args {
     #[command(flatten)]
     pub agent: AgentArgs,

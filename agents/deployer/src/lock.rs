@@ -19,7 +19,10 @@ pub fn key(env: &str, app: &str) -> String {
 }
 
 fn err(key: &str, message: impl ToString) -> Error {
-    Error::Lock { key: key.to_owned(), message: message.to_string() }
+    Error::Lock {
+        key: key.to_owned(),
+        message: message.to_string(),
+    }
 }
 
 /// Takes the lock for `release`, unless another release holds it.
@@ -34,7 +37,11 @@ pub async fn acquire(store: &kv::Store, key: &str, release: ReleaseId) -> Result
         match store.entry(key).await.map_err(|e| err(key, e))? {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let holder = String::from_utf8_lossy(&entry.value).into_owned();
-                return Ok(if holder == me { Lock::Held } else { Lock::HeldBy(holder) });
+                return Ok(if holder == me {
+                    Lock::Held
+                } else {
+                    Lock::HeldBy(holder)
+                });
             }
             // Deleted between our create and read: try again.
             _ => continue,
@@ -46,8 +53,14 @@ pub async fn acquire(store: &kv::Store, key: &str, release: ReleaseId) -> Result
 /// Frees the lock if `release` holds it (a no-op otherwise).
 pub async fn release(store: &kv::Store, key: &str, release: ReleaseId) -> Result<bool> {
     match store.entry(key).await.map_err(|e| err(key, e))? {
-        Some(entry) if entry.operation == kv::Operation::Put && entry.value.as_ref() == release.to_string().as_bytes() => {
-            store.delete_expect_revision(key, Some(entry.revision)).await.map_err(|e| err(key, e))?;
+        Some(entry)
+            if entry.operation == kv::Operation::Put
+                && entry.value.as_ref() == release.to_string().as_bytes() =>
+        {
+            store
+                .delete_expect_revision(key, Some(entry.revision))
+                .await
+                .map_err(|e| err(key, e))?;
             Ok(true)
         }
         _ => Ok(false),
@@ -58,7 +71,10 @@ pub async fn release(store: &kv::Store, key: &str, release: ReleaseId) -> Result
 pub async fn release_stale(store: &kv::Store, key: &str, holder: &str) -> Result<()> {
     if let Some(entry) = store.entry(key).await.map_err(|e| err(key, e))? {
         if entry.operation == kv::Operation::Put && entry.value.as_ref() == holder.as_bytes() {
-            store.delete_expect_revision(key, Some(entry.revision)).await.map_err(|e| err(key, e))?;
+            store
+                .delete_expect_revision(key, Some(entry.revision))
+                .await
+                .map_err(|e| err(key, e))?;
         }
     }
     Ok(())

@@ -9,7 +9,9 @@ pub enum Action {
     /// End the release as failed: nothing on the cluster to undo (or rollback is off).
     Fail(String),
     /// Restore the previous revision, then end the release as rolled back.
-    RollBack { reason: String },
+    RollBack {
+        reason: String,
+    },
 }
 
 /// The reaction to `trigger` (one of the failure events, an abort, or a manual request).
@@ -18,18 +20,30 @@ pub fn decide(trigger: EventType, state: &ReleaseState) -> Action {
         return Action::Nothing("the release has ended");
     }
     let rollback_on_failure = state.spec.as_ref().is_none_or(|s| s.rollback_on_failure);
-    let reason = state.failure.as_ref().map(|f| f.reason.clone()).unwrap_or_default();
+    let reason = state
+        .failure
+        .as_ref()
+        .map(|f| f.reason.clone())
+        .unwrap_or_default();
     match trigger {
-        EventType::RollbackRequested => {
-            Action::RollBack { reason: state.rollback_request.as_ref().map(|r| r.reason.clone()).unwrap_or_default() }
-        }
+        EventType::RollbackRequested => Action::RollBack {
+            reason: state
+                .rollback_request
+                .as_ref()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default(),
+        },
         EventType::BuildFailed => Action::Fail(format!("build failed: {reason}")),
         EventType::ReleaseAbortRequested if !state.cluster_changed => {
             Action::Fail("aborted before the cluster was changed".into())
         }
-        EventType::ReleaseAbortRequested => Action::RollBack { reason: format!("aborted by {}", state.actor) },
+        EventType::ReleaseAbortRequested => Action::RollBack {
+            reason: format!("aborted by {}", state.actor),
+        },
         EventType::DeployFailed | EventType::AnalysisFailed if !state.cluster_changed => {
-            Action::Fail(format!("deploy failed before changing the cluster: {reason}"))
+            Action::Fail(format!(
+                "deploy failed before changing the cluster: {reason}"
+            ))
         }
         EventType::DeployFailed | EventType::AnalysisFailed if !rollback_on_failure => {
             Action::Fail(format!("{reason} (rollback_on_failure is off)"))
@@ -47,8 +61,15 @@ mod tests {
 
     fn failed(stage: EventType, changed: bool, rollback: bool) -> ReleaseState {
         let mut s = ReleaseState::default();
-        s.spec = Some(ReleaseSpec { rollback_on_failure: rollback, ..Default::default() });
-        s.failure = Some(Failure { stage, step: Some(0), reason: "http 500".into() });
+        s.spec = Some(ReleaseSpec {
+            rollback_on_failure: rollback,
+            ..Default::default()
+        });
+        s.failure = Some(Failure {
+            stage,
+            step: Some(0),
+            reason: "http 500".into(),
+        });
         s.cluster_changed = changed;
         s
     }
@@ -57,18 +78,49 @@ mod tests {
     fn each_trigger_gets_its_reaction() {
         use EventType::*;
         let cases = [
-            (BuildFailed, failed(BuildFailed, false, true), Action::Fail("build failed: http 500".into())),
-            (DeployFailed, failed(DeployFailed, false, true), Action::Fail("deploy failed before changing the cluster: http 500".into())),
-            (DeployFailed, failed(DeployFailed, true, true), Action::RollBack { reason: "http 500".into() }),
-            (AnalysisFailed, failed(AnalysisFailed, true, true), Action::RollBack { reason: "http 500".into() }),
-            (AnalysisFailed, failed(AnalysisFailed, true, false), Action::Fail("http 500 (rollback_on_failure is off)".into())),
-            (ReleaseAbortRequested, failed(AnalysisFailed, false, true), Action::Fail("aborted before the cluster was changed".into())),
+            (
+                BuildFailed,
+                failed(BuildFailed, false, true),
+                Action::Fail("build failed: http 500".into()),
+            ),
+            (
+                DeployFailed,
+                failed(DeployFailed, false, true),
+                Action::Fail("deploy failed before changing the cluster: http 500".into()),
+            ),
+            (
+                DeployFailed,
+                failed(DeployFailed, true, true),
+                Action::RollBack {
+                    reason: "http 500".into(),
+                },
+            ),
+            (
+                AnalysisFailed,
+                failed(AnalysisFailed, true, true),
+                Action::RollBack {
+                    reason: "http 500".into(),
+                },
+            ),
+            (
+                AnalysisFailed,
+                failed(AnalysisFailed, true, false),
+                Action::Fail("http 500 (rollback_on_failure is off)".into()),
+            ),
+            (
+                ReleaseAbortRequested,
+                failed(AnalysisFailed, false, true),
+                Action::Fail("aborted before the cluster was changed".into()),
+            ),
         ];
         for (trigger, state, expected) in cases {
             assert_eq!(decide(trigger, &state), expected, "{trigger}");
         }
         let mut ended = failed(AnalysisFailed, true, true);
         ended.terminal = Some(ReleaseRolledBack);
-        assert_eq!(decide(AnalysisFailed, &ended), Action::Nothing("the release has ended"));
+        assert_eq!(
+            decide(AnalysisFailed, &ended),
+            Action::Nothing("the release has ended")
+        );
     }
 }

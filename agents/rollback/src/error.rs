@@ -9,9 +9,17 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] baton_core::error::Error),
     #[error("reading Deployment {namespace}/{name}: {source}")]
-    Read { namespace: String, name: String, source: baton_core::rollout::WaitError },
+    Read {
+        namespace: String,
+        name: String,
+        source: baton_core::rollout::WaitError,
+    },
     #[error("restoring the template of Deployment {namespace}/{name}: {source}")]
-    Restore { namespace: String, name: String, source: kube::Error },
+    Restore {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("lock {key}: {message}")]
     Lock { key: String, message: String },
     #[error("the app's lock is held by release {holder}, still in flight; trying again later")]

@@ -30,7 +30,11 @@ pub struct RollbackAgent {
 }
 
 impl Handler for RollbackAgent {
-    fn handle<'a>(&'a self, ctx: &'a AgentContext, d: Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        d: Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move { self.on_event(ctx, d).await.map_err(HandlerError::from) })
     }
 }
@@ -47,7 +51,13 @@ fn images(template: &PodTemplateSpec) -> String {
     template
         .spec
         .as_ref()
-        .map(|s| s.containers.iter().filter_map(|c| c.image.clone()).collect::<Vec<_>>().join(","))
+        .map(|s| {
+            s.containers
+                .iter()
+                .filter_map(|c| c.image.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default()
 }
 
@@ -69,14 +79,26 @@ impl RollbackAgent {
                 Ok(())
             }
             Action::Fail(reason) => {
-                ctx.emit(&d, EventKey::Once, Payload::ReleaseFailed(ReleaseFailed { reason })).await?;
+                ctx.emit(
+                    &d,
+                    EventKey::Once,
+                    Payload::ReleaseFailed(ReleaseFailed { reason }),
+                )
+                .await?;
                 Ok(())
             }
             Action::RollBack { reason } => self.roll_back(ctx, &d, &events, &state, reason).await,
         }
     }
 
-    async fn roll_back(&self, ctx: &AgentContext, d: &Delivery, events: &[Event], state: &ReleaseState, reason: String) -> Result<()> {
+    async fn roll_back(
+        &self,
+        ctx: &AgentContext,
+        d: &Delivery,
+        events: &[Event],
+        state: &ReleaseState,
+        reason: String,
+    ) -> Result<()> {
         let target = match (&state.spec, &state.rollback_request) {
             (Some(spec), _) => Target {
                 namespace: spec.namespace.clone(),
@@ -87,26 +109,57 @@ impl RollbackAgent {
                 },
                 manual: false,
             },
-            (None, Some(req)) if !req.namespace.is_empty() => {
-                Target { namespace: req.namespace.clone(), app: req.app.clone(), timeout: DEFAULT_TIMEOUT, manual: true }
+            (None, Some(req)) if !req.namespace.is_empty() => Target {
+                namespace: req.namespace.clone(),
+                app: req.app.clone(),
+                timeout: DEFAULT_TIMEOUT,
+                manual: true,
+            },
+            _ => {
+                return Err(Error::Invalid(
+                    "the rollback request names no namespace".into(),
+                ))
             }
-            _ => return Err(Error::Invalid("the rollback request names no namespace".into())),
         };
         if target.manual {
             self.lock(ctx, d).await?;
         }
-        let read = |source| Error::Read { namespace: target.namespace.clone(), name: target.app.clone(), source };
-        let snap = rollout::snapshot(&self.client, &target.namespace, &target.app).await.map_err(read)?;
-        let Some(deployment) = snap.deployment.clone() else {
-            return self.give_up(ctx, d, format!("Deployment {}/{} does not exist", target.namespace, target.app)).await;
+        let read = |source| Error::Read {
+            namespace: target.namespace.clone(),
+            name: target.app.clone(),
+            source,
         };
-        let started_event = events.iter().find(|e| matches!(e.payload(), Some(Payload::RollbackStarted(_)))).cloned();
+        let snap = rollout::snapshot(&self.client, &target.namespace, &target.app)
+            .await
+            .map_err(read)?;
+        let Some(deployment) = snap.deployment.clone() else {
+            return self
+                .give_up(
+                    ctx,
+                    d,
+                    format!(
+                        "Deployment {}/{} does not exist",
+                        target.namespace, target.app
+                    ),
+                )
+                .await;
+        };
+        let started_event = events
+            .iter()
+            .find(|e| matches!(e.payload(), Some(Payload::RollbackStarted(_))))
+            .cloned();
         let (started_event, template) = match started_event {
             Some(e) => {
                 // Resumed after a crash: the target was decided and recorded.
-                let Some(Payload::RollbackStarted(started)) = e.payload().cloned() else { return Ok(()) };
-                let template = rollout::replica_set_of_revision(&deployment, &snap.replica_sets, &started.to_revision)
-                    .and_then(|rs| rs.spec.template.clone());
+                let Some(Payload::RollbackStarted(started)) = e.payload().cloned() else {
+                    return Ok(());
+                };
+                let template = rollout::replica_set_of_revision(
+                    &deployment,
+                    &snap.replica_sets,
+                    &started.to_revision,
+                )
+                .and_then(|rs| rs.spec.template.clone());
                 (e, template)
             }
             None => {
@@ -121,35 +174,70 @@ impl RollbackAgent {
                     rollout::previous_replica_set(&deployment, &snap.replica_sets, current)
                 } else {
                     match state.previous_revision.as_deref() {
-                        Some(prev) => rollout::replica_set_of_revision(&deployment, &snap.replica_sets, prev),
+                        Some(prev) => {
+                            rollout::replica_set_of_revision(&deployment, &snap.replica_sets, prev)
+                        }
                         None => None,
                     }
                 };
                 let Some(rs) = rs else {
                     let why = match &state.previous_revision {
-                        Some(prev) if !target.manual => format!("revision {prev} of Deployment {}/{} is gone", target.namespace, target.app),
-                        _ => format!("Deployment {}/{} has no previous revision to restore", target.namespace, target.app),
+                        Some(prev) if !target.manual => format!(
+                            "revision {prev} of Deployment {}/{} is gone",
+                            target.namespace, target.app
+                        ),
+                        _ => format!(
+                            "Deployment {}/{} has no previous revision to restore",
+                            target.namespace, target.app
+                        ),
                     };
-                    return self.give_up(ctx, d, format!("nothing to restore: {why}")).await;
+                    return self
+                        .give_up(ctx, d, format!("nothing to restore: {why}"))
+                        .await;
                 };
                 let template = rs.spec.template.clone();
-                let to_revision = rs.metadata.annotations.as_ref().and_then(|a| a.get(REVISION).cloned()).unwrap_or_default();
+                let to_revision = rs
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(REVISION).cloned())
+                    .unwrap_or_default();
                 let to_image = template.as_ref().map(images).unwrap_or_default();
                 tracing::info!(%to_revision, %to_image, %reason, "rolling back");
                 let e = ctx
-                    .emit(d, EventKey::Once, Payload::RollbackStarted(RollbackStarted { reason: reason.clone(), to_revision, to_image }))
+                    .emit(
+                        d,
+                        EventKey::Once,
+                        Payload::RollbackStarted(RollbackStarted {
+                            reason: reason.clone(),
+                            to_revision,
+                            to_image,
+                        }),
+                    )
                     .await?;
                 (e, template)
             }
         };
-        let Some(Payload::RollbackStarted(started)) = started_event.payload().cloned() else { return Ok(()) };
+        let Some(Payload::RollbackStarted(started)) = started_event.payload().cloned() else {
+            return Ok(());
+        };
         let current_images = images(&deployment.spec.template);
         if current_images != started.to_image {
             let Some(mut template) = template else {
-                return self.give_up(ctx, d, format!("revision {} to restore is gone", started.to_revision)).await;
+                return self
+                    .give_up(
+                        ctx,
+                        d,
+                        format!("revision {} to restore is gone", started.to_revision),
+                    )
+                    .await;
             };
-            template.metadata.get_or_insert_with(Default::default).labels =
-                rollout::without_template_hash(template.metadata.as_ref().and_then(|m| m.labels.clone()));
+            template
+                .metadata
+                .get_or_insert_with(Default::default)
+                .labels = rollout::without_template_hash(
+                template.metadata.as_ref().and_then(|m| m.labels.clone()),
+            );
             let patch = json!({
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
@@ -160,9 +248,17 @@ impl RollbackAgent {
                 "spec": {"template": template}
             });
             Api::<Deployment>::namespaced(self.client.clone(), &target.namespace)
-                .patch(&target.app, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+                .patch(
+                    &target.app,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
                 .await
-                .map_err(|source| Error::Restore { namespace: target.namespace.clone(), name: target.app.clone(), source })?;
+                .map_err(|source| Error::Restore {
+                    namespace: target.namespace.clone(),
+                    name: target.app.clone(),
+                    source,
+                })?;
         }
         let since = started_event
             .envelope
@@ -170,9 +266,17 @@ impl RollbackAgent {
             .as_ref()
             .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_ms(t).max(0) as u64))
             .unwrap_or_else(SystemTime::now);
-        let outcome = rollout::wait(&self.client, &target.namespace, &target.app, since, target.timeout, &ctx.shutdown, |msg| {
-            tracing::info!(progress = msg, "restoring");
-        })
+        let outcome = rollout::wait(
+            &self.client,
+            &target.namespace,
+            &target.app,
+            since,
+            target.timeout,
+            &ctx.shutdown,
+            |msg| {
+                tracing::info!(progress = msg, "restoring");
+            },
+        )
         .await
         .map_err(Error::Wait)?;
         match outcome {
@@ -180,14 +284,31 @@ impl RollbackAgent {
                 ctx.emit(
                     d,
                     EventKey::Once,
-                    Payload::RollbackCompleted(RollbackCompleted { restored_revision: revision, restored_image: started.to_image.clone() }),
+                    Payload::RollbackCompleted(RollbackCompleted {
+                        restored_revision: revision,
+                        restored_image: started.to_image.clone(),
+                    }),
                 )
                 .await?;
-                ctx.emit(d, EventKey::Once, Payload::ReleaseRolledBack(ReleaseRolledBack { reason: started.reason.clone() })).await?;
+                ctx.emit(
+                    d,
+                    EventKey::Once,
+                    Payload::ReleaseRolledBack(ReleaseRolledBack {
+                        reason: started.reason.clone(),
+                    }),
+                )
+                .await?;
                 tracing::info!("rolled back");
                 Ok(())
             }
-            Rollout::Failed(problem) => self.give_up(ctx, d, format!("the restored revision is not healthy: {}", problem.reason)).await,
+            Rollout::Failed(problem) => {
+                self.give_up(
+                    ctx,
+                    d,
+                    format!("the restored revision is not healthy: {}", problem.reason),
+                )
+                .await
+            }
             Rollout::Progressing(_) => Ok(()),
         }
     }
@@ -195,8 +316,22 @@ impl RollbackAgent {
     /// The rollback cannot complete: say why, and end the release as failed.
     async fn give_up(&self, ctx: &AgentContext, d: &Delivery, reason: String) -> Result<()> {
         tracing::warn!(%reason, "rollback failed");
-        ctx.emit(d, EventKey::Once, Payload::RollbackFailed(RollbackFailed { reason: reason.clone() })).await?;
-        ctx.emit(d, EventKey::Once, Payload::ReleaseFailed(ReleaseFailed { reason: format!("rollback failed: {reason}") })).await?;
+        ctx.emit(
+            d,
+            EventKey::Once,
+            Payload::RollbackFailed(RollbackFailed {
+                reason: reason.clone(),
+            }),
+        )
+        .await?;
+        ctx.emit(
+            d,
+            EventKey::Once,
+            Payload::ReleaseFailed(ReleaseFailed {
+                reason: format!("rollback failed: {reason}"),
+            }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -206,13 +341,18 @@ impl RollbackAgent {
         let key = format!("{}.{}", d.subject.env, d.subject.app);
         let me = d.subject.release_id.to_string();
         let store = ctx.bus.kv(LOCKS_BUCKET).await?;
-        let err = |e: &dyn std::fmt::Display| Error::Lock { key: key.clone(), message: e.to_string() };
+        let err = |e: &dyn std::fmt::Display| Error::Lock {
+            key: key.clone(),
+            message: e.to_string(),
+        };
         match store.create(&key, me.clone().into()).await {
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(err(&e)),
         }
-        let Some(entry) = store.entry(&key).await.map_err(|e| err(&e))? else { return Ok(()) };
+        let Some(entry) = store.entry(&key).await.map_err(|e| err(&e))? else {
+            return Ok(());
+        };
         let holder = String::from_utf8_lossy(&entry.value).into_owned();
         if holder == me {
             return Ok(());
@@ -224,9 +364,11 @@ impl RollbackAgent {
         if !ended {
             return Err(Error::Busy { holder });
         }
-        store.delete_expect_revision(&key, Some(entry.revision)).await.map_err(|e| err(&e))?;
+        store
+            .delete_expect_revision(&key, Some(entry.revision))
+            .await
+            .map_err(|e| err(&e))?;
         store.create(&key, me.into()).await.map_err(|e| err(&e))?;
         Ok(())
     }
 }
-

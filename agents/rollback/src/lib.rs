@@ -17,7 +17,11 @@ use baton_core::Role;
 
 /// Command-line flags of `baton-rollback`.
 #[derive(Debug, clap::Parser)]
-#[command(name = "baton-rollback", version, about = "Baton's rollback agent: restores the previous revision when a release fails or on request")]
+#[command(
+    name = "baton-rollback",
+    version,
+    about = "Baton's rollback agent: restores the previous revision when a release fails or on request"
+)]
 pub struct Args {
     #[command(flatten)]
     pub agent: AgentArgs,
@@ -28,7 +32,9 @@ impl Args {
         let client = self.agent.kube_client().await?;
         let agent = Agent {
             role: Role::Rollback,
-            handler: Arc::new(handler::RollbackAgent { client: client.clone() }),
+            handler: Arc::new(handler::RollbackAgent {
+                client: client.clone(),
+            }),
             readiness: Some(baton_core::cluster::readiness(client)),
         };
         agent::run(self.agent, agent).await?;

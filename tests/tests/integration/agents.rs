@@ -244,8 +244,17 @@ async fn every_agent_consumes_its_events_and_stops_cleanly_on_sigterm() -> Resul
     // unreachable registry of the test's image at once.
     let cluster = baton_tests::cluster::shared()?;
     let kubeconfig = cluster.kubeconfig.display().to_string();
-    let extra = [("KUBECONFIG", kubeconfig.as_str()), ("BATON_REGISTRY_RETRY_SECONDS", "0")];
-    for name in ["builder", "deployer", "health-checker", "rollback", "metrics"] {
+    let extra = [
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("BATON_REGISTRY_RETRY_SECONDS", "0"),
+    ];
+    for name in [
+        "builder",
+        "deployer",
+        "health-checker",
+        "rollback",
+        "metrics",
+    ] {
         agents.push(AgentProcess::start(&env, name, &extra, env.sandbox.dir()).await?);
     }
     // Agents may only publish their own events, so the test publishes as the owner of each type.

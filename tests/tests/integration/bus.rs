@@ -316,7 +316,10 @@ async fn stream_events_and_consumers_survive_kill_9_of_nats_and_a_connected_agen
             .with_context(|| format!("consumer {} after the crash", c.durable))?;
     }
     let history = cli.release_history(before).await?;
-    ensure!(history.first().map(|e| e.event_type) == Some(EventType::ReleaseRequested), "the release's events are gone");
+    ensure!(
+        history.first().map(|e| e.event_type) == Some(EventType::ReleaseRequested),
+        "the release's events are gone"
+    );
 
     // The agent, never restarted, takes the next event.
     let after = ReleaseId::generate();

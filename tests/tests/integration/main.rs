@@ -8,6 +8,8 @@ mod builder;
 mod bus;
 mod compose;
 mod config;
+mod crash;
+mod garbage;
 mod health;
 mod metrics;
 mod release;
@@ -26,6 +28,8 @@ fn main() -> std::process::ExitCode {
     trials.extend(config::trials());
     trials.extend(runtime::trials());
     trials.extend(release::trials());
+    trials.extend(crash::trials());
+    trials.extend(garbage::trials());
     trials.extend(health::trials());
     trials.extend(metrics::trials());
     run(trials)

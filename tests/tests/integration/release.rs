@@ -1,6 +1,5 @@
 //! Releases end to end: the five agents as real processes, a real control plane, the real CLI.
 
-
 use anyhow::{ensure, Context, Result};
 use baton_core::event::EventType::{self, *};
 use baton_core::fold::{fold, Status};
@@ -41,13 +40,20 @@ async fn a_rolling_release_of_a_healthy_image_succeeds_and_runs_it_by_digest() -
     ensure!(code == 0, "baton release --wait exited {code}:\n{out}");
     let expected = format!("{}/{}@{digest}", baton.cluster.registry, baton.repo);
     let deployed = baton.deployed_image().await?;
-    ensure!(deployed == expected, "the Deployment runs {deployed}, not {expected}");
+    ensure!(
+        deployed == expected,
+        "the Deployment runs {deployed}, not {expected}"
+    );
     let types = baton.types(rid).await?;
     ensure!(types == FLOW, "events out of the causal order: {types:?}");
     // Each event names its cause.
     let events = baton.events(rid).await?;
     for pair in events.windows(2).skip(1) {
-        ensure!(!pair[1].envelope.causation_id.is_empty(), "{} has no cause", pair[1].event_type);
+        ensure!(
+            !pair[1].envelope.causation_id.is_empty(),
+            "{} has no cause",
+            pair[1].event_type
+        );
     }
     ensure!(
         out.contains("deploy.step_ready") && out.contains(&format!("release {rid} succeeded")),
@@ -55,10 +61,17 @@ async fn a_rolling_release_of_a_healthy_image_succeeds_and_runs_it_by_digest() -
     );
     // Status and logs tell the same story.
     let status = baton.baton(&["status", &rid.to_string()]).await?;
-    ensure!(String::from_utf8_lossy(&status.stdout).contains("status    succeeded"), "{}", String::from_utf8_lossy(&status.stdout));
+    ensure!(
+        String::from_utf8_lossy(&status.stdout).contains("status    succeeded"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
     let logs = baton.baton(&["logs", &rid.to_string()]).await?;
     let logs = String::from_utf8_lossy(&logs.stdout);
-    ensure!(logs.lines().count() == FLOW.len(), "baton logs printed:\n{logs}");
+    ensure!(
+        logs.lines().count() == FLOW.len(),
+        "baton logs printed:\n{logs}"
+    );
     Ok(())
 }
 
@@ -70,27 +83,74 @@ async fn an_image_that_fails_its_health_check_is_rolled_back() -> Result<()> {
     let before = baton.deployment().await?.spec.template;
     let (bad, _) = baton.push("v3", &[("BATON_SIM_HEALTH", "fail")]).await?;
     let (code, rid, out) = baton.release(&bad, true).await?;
-    ensure!(code == 2, "baton release --wait of a failing image exited {code}:\n{out}");
+    ensure!(
+        code == 2,
+        "baton release --wait of a failing image exited {code}:\n{out}"
+    );
     let types = baton.types(rid).await?;
-    ensure!(types.last() == Some(&ReleaseRolledBack), "the release did not end rolled back: {types:?}");
-    ensure!(in_order(&types, &[DeployStepReady, AnalysisStarted, AnalysisFailed, RollbackStarted, RollbackCompleted, ReleaseRolledBack]), "{types:?}");
+    ensure!(
+        types.last() == Some(&ReleaseRolledBack),
+        "the release did not end rolled back: {types:?}"
+    );
+    ensure!(
+        in_order(
+            &types,
+            &[
+                DeployStepReady,
+                AnalysisStarted,
+                AnalysisFailed,
+                RollbackStarted,
+                RollbackCompleted,
+                ReleaseRolledBack
+            ]
+        ),
+        "{types:?}"
+    );
     let after = baton.deployment().await?;
-    let images = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| t.spec.as_ref().map(|s| s.containers.iter().map(|c| c.image.clone()).collect::<Vec<_>>());
-    ensure!(images(&after.spec.template) == images(&before), "the pod template is not the previous one");
+    let images = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        t.spec.as_ref().map(|s| {
+            s.containers
+                .iter()
+                .map(|c| c.image.clone())
+                .collect::<Vec<_>>()
+        })
+    };
+    ensure!(
+        images(&after.spec.template) == images(&before),
+        "the pod template is not the previous one"
+    );
     let status = after.status.unwrap_or_default();
-    ensure!(status.available_replicas == Some(2) && status.updated_replicas == Some(2), "the restored revision is not available: {status:?}");
+    ensure!(
+        status.available_replicas == Some(2) && status.updated_replicas == Some(2),
+        "the restored revision is not available: {status:?}"
+    );
     Ok(())
 }
 
-async fn a_crash_looping_image_is_rolled_back_on_the_first_check_that_sees_the_crash_loop() -> Result<()> {
+async fn a_crash_looping_image_is_rolled_back_on_the_first_check_that_sees_the_crash_loop(
+) -> Result<()> {
     let baton = Baton::start("e2e-crash").await?;
     let (crash, _) = baton.push("v2", &[("BATON_SIM_CRASH", "1")]).await?;
     let (code, rid, out) = baton.release(&crash, true).await?;
     ensure!(code == 2, "exit {code}:\n{out}");
     let events = baton.events(rid).await?;
     let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
-    ensure!(in_order(&types, &[DeployStepStarted, DeployFailed, RollbackStarted, ReleaseRolledBack]), "{types:?}");
-    ensure!(!types.contains(&AnalysisStarted) && !types.contains(&DeployStepReady), "the crash loop got as far as analysis: {types:?}");
+    ensure!(
+        in_order(
+            &types,
+            &[
+                DeployStepStarted,
+                DeployFailed,
+                RollbackStarted,
+                ReleaseRolledBack
+            ]
+        ),
+        "{types:?}"
+    );
+    ensure!(
+        !types.contains(&AnalysisStarted) && !types.contains(&DeployStepReady),
+        "the crash loop got as far as analysis: {types:?}"
+    );
     let failed = events
         .iter()
         .find_map(|e| match e.payload() {
@@ -98,9 +158,16 @@ async fn a_crash_looping_image_is_rolled_back_on_the_first_check_that_sees_the_c
             _ => None,
         })
         .context("no deploy.failed")?;
-    ensure!(failed.kind == FailureKind::CrashLoop as i32, "deploy.failed says {failed:?}");
+    ensure!(
+        failed.kind == FailureKind::CrashLoop as i32,
+        "deploy.failed says {failed:?}"
+    );
     // The first restart was enough: the reason counts the restarts seen.
-    ensure!(failed.reason.contains("(1 restarts)") || failed.reason.contains("crash-looping"), "{}", failed.reason);
+    ensure!(
+        failed.reason.contains("(1 restarts)") || failed.reason.contains("crash-looping"),
+        "{}",
+        failed.reason
+    );
     Ok(())
 }
 
@@ -113,20 +180,41 @@ async fn a_missing_image_fails_the_release_and_leaves_the_cluster_untouched() ->
     let state = fold(&baton.events(rid).await?);
     ensure!(state.status() == Status::Failed, "{:?}", state.status());
     let reason = state.terminal_reason.clone().unwrap_or_default();
-    ensure!(reason.contains("does-not-exist"), "the reason does not name the image: {reason}");
+    ensure!(
+        reason.contains("does-not-exist"),
+        "the reason does not name the image: {reason}"
+    );
     ensure!(!state.deploy_started, "the deployer started");
     let after = baton.deployment().await?;
-    ensure!(after.metadata.generation == before.metadata.generation, "the Deployment was changed");
+    ensure!(
+        after.metadata.generation == before.metadata.generation,
+        "the Deployment was changed"
+    );
     Ok(())
 }
 
 async fn a_missing_namespace_fails_the_release_before_anything_changes() -> Result<()> {
     let baton = Baton::start("e2e-nons").await?;
     let (image, _) = baton.push("v2", &[]).await?;
-    let out = baton.baton(&["release", "web", "--env", "ghost", "--image", &image, "--wait"]).await?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    ensure!(out.status.code() == Some(1), "exit {:?}:\n{text}", out.status.code());
-    ensure!(text.contains("-missing does not exist"), "the reason does not name the namespace:\n{text}");
+    let out = baton
+        .baton(&[
+            "release", "web", "--env", "ghost", "--image", &image, "--wait",
+        ])
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.code() == Some(1),
+        "exit {:?}:\n{text}",
+        out.status.code()
+    );
+    ensure!(
+        text.contains("-missing does not exist"),
+        "the reason does not name the namespace:\n{text}"
+    );
     Ok(())
 }
 
@@ -139,12 +227,27 @@ async fn two_releases_requested_back_to_back_run_one_after_the_other() -> Result
     ensure!(code == 0, "the second release exited {code}:\n{out}");
     let one = baton.events(first).await?;
     let two = baton.events(second).await?;
-    let time = |events: &[baton_core::event::Event], t: EventType| events.iter().find(|e| e.event_type == t).map(|e| e.time_ms());
+    let time = |events: &[baton_core::event::Event], t: EventType| {
+        events
+            .iter()
+            .find(|e| e.event_type == t)
+            .map(|e| e.time_ms())
+    };
     let first_end = time(&one, ReleaseSucceeded).context("the first release did not succeed")?;
-    let second_start = time(&two, DeployStepStarted).context("the second release never rolled out")?;
-    ensure!(second_start >= first_end, "the second rollout began before the first ended");
-    ensure!(two.iter().any(|e| e.event_type == ReleaseQueued), "the second release was not queued");
-    ensure!(baton.deployed_image().await?.contains('@'), "not deployed by digest");
+    let second_start =
+        time(&two, DeployStepStarted).context("the second release never rolled out")?;
+    ensure!(
+        second_start >= first_end,
+        "the second rollout began before the first ended"
+    );
+    ensure!(
+        two.iter().any(|e| e.event_type == ReleaseQueued),
+        "the second release was not queued"
+    );
+    ensure!(
+        baton.deployed_image().await?.contains('@'),
+        "not deployed by digest"
+    );
     Ok(())
 }
 
@@ -154,9 +257,26 @@ async fn a_manual_rollback_restores_the_previous_revision() -> Result<()> {
     let (v2, _) = baton.push("v2", &[]).await?;
     let (code, _, out) = baton.release(&v2, true).await?;
     ensure!(code == 0, "{out}");
-    let out = baton.baton(&["rollback", "web", "--env", "test", "--wait", "--reason", "errors up"]).await?;
+    let out = baton
+        .baton(&[
+            "rollback",
+            "web",
+            "--env",
+            "test",
+            "--wait",
+            "--reason",
+            "errors up",
+        ])
+        .await?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "baton rollback --wait failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
-    ensure!(baton.deployed_image().await? == v1, "the Deployment does not run the previous image again");
+    ensure!(
+        out.status.success(),
+        "baton rollback --wait failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        baton.deployed_image().await? == v1,
+        "the Deployment does not run the previous image again"
+    );
     Ok(())
 }
