@@ -156,6 +156,15 @@ async fn ask(nats: &NatsArgs, query: &str, request: &str) -> anyhow::Result<(Str
     Ok((raw, answer))
 }
 
+/// At most `max` characters of `text`, with an ellipsis when cut (`baton status ID` has it all).
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
 /// Seconds as `1d 2h`, `3h 4m`, `5m 6s`, `7s` or `0.25s`.
 fn duration(seconds: f64) -> String {
     if !seconds.is_finite() || seconds < 0.0 {
@@ -310,7 +319,7 @@ fn history_table(releases: &[Value]) -> String {
                     .map(duration)
                     .unwrap_or_else(|| "-".into()),
                 field(r, "actor"),
-                field(r, "failure_reason"),
+                shorten(&field(r, "failure_reason"), 100),
             ]
         })
         .collect();

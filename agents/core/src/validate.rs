@@ -85,6 +85,9 @@ pub fn release_spec(spec: &ReleaseSpec) -> Result<(), String> {
     }
     for (i, c) in spec.checks.iter().enumerate() {
         check(c).map_err(|e| format!("spec.checks[{i}]: {e}"))?;
+        if spec.checks[..i].iter().any(|other| other.name == c.name) {
+            return Err(format!("spec.checks[{i}]: the name {:?} is used twice", c.name));
+        }
     }
     if let Some(build) = &spec.build {
         if build.argv.len() > MAX_ARGV {
@@ -114,12 +117,19 @@ fn check(c: &Check) -> Result<(), String> {
                     h.expect_status
                 ));
             }
+            if !h.url.is_empty() && !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                return Err(format!("url {:?} is not an http(s) URL", h.url));
+            }
+            text("url", &h.url)?;
             text("body_contains", &h.body_contains)
         }
         Some(check::Kind::Latency(l)) => {
             path(&l.path)?;
             if !(l.percentile > 0.0 && l.percentile <= 100.0) {
                 return Err(format!("percentile {} is not in (0, 100]", l.percentile));
+            }
+            if l.threshold_ms == 0 {
+                return Err("latency check needs a threshold".into());
             }
             if !(0.0..=1.0).contains(&l.max_error_rate) {
                 return Err(format!(
@@ -246,6 +256,40 @@ pub fn image_reference(image: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_specs_with_unusable_checks_are_refused() {
+        use baton_proto::v1::{HttpCheck, LatencyCheck};
+        let base = ReleaseSpec {
+            app: "web".into(),
+            env: "staging".into(),
+            namespace: "web".into(),
+            image: "web:v1".into(),
+            ..Default::default()
+        };
+        let http = |name: &str, url: &str| Check {
+            name: name.into(),
+            kind: Some(check::Kind::Http(HttpCheck { path: "/health".into(), url: url.into(), ..Default::default() })),
+        };
+        let latency = |threshold_ms| Check {
+            name: "p95".into(),
+            kind: Some(check::Kind::Latency(LatencyCheck { percentile: 95.0, threshold_ms, ..Default::default() })),
+        };
+        let cases = [
+            (vec![http("a", ""), latency(100)], None),
+            (vec![http("a", ""), http("a", "")], Some("used twice")),
+            (vec![latency(0)], Some("needs a threshold")),
+            (vec![http("a", "ftp://x")], Some("not an http(s) URL")),
+        ];
+        for (checks, why) in cases {
+            let spec = ReleaseSpec { checks, ..base.clone() };
+            match (release_spec(&spec), why) {
+                (Ok(()), None) => {}
+                (Err(e), Some(why)) => assert!(e.contains(why), "{e}"),
+                (got, want) => panic!("{got:?}, wanted {want:?}"),
+            }
+        }
+    }
 
     #[test]
     fn image_references_are_checked() {
