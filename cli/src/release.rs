@@ -89,16 +89,21 @@ pub fn actor() -> String {
         .filter(|a| !a.trim().is_empty())
         .unwrap_or_else(|| {
             let user = std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .ok()
-            .filter(|u| !u.is_empty())
-            .or_else(|| {
-                // No login name in the environment (a service, a container): the numeric user.
-                let status = std::fs::read_to_string("/proc/self/status").ok()?;
-                let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.to_owned();
-                Some(format!("uid-{uid}"))
-            })
-            .unwrap_or_else(|| "unknown".into());
+                .or_else(|_| std::env::var("LOGNAME"))
+                .ok()
+                .filter(|u| !u.is_empty())
+                .or_else(|| {
+                    // No login name in the environment (a service, a container): the numeric user.
+                    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+                    let uid = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))?
+                        .split_whitespace()
+                        .next()?
+                        .to_owned();
+                    Some(format!("uid-{uid}"))
+                })
+                .unwrap_or_else(|| "unknown".into());
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_default();
@@ -493,7 +498,11 @@ pub fn describe(event: &Event) -> String {
 fn measurements(ms: &[Measurement]) -> String {
     let shown: Vec<String> = ms.iter().take(6).map(measurement).collect();
     let more = ms.len().saturating_sub(shown.len());
-    let more = if more > 0 { format!("; {more} more") } else { String::new() };
+    let more = if more > 0 {
+        format!("; {more} more")
+    } else {
+        String::new()
+    };
     format!("{}{more}", shown.join("; "))
 }
 
@@ -503,7 +512,11 @@ fn measurement(m: &Measurement) -> String {
     let what = if !m.detail.is_empty() {
         format!(" ({})", m.detail)
     } else if !m.unit.is_empty() {
-        let value = if m.value.fract() == 0.0 { format!("{}", m.value) } else { format!("{:.2}", m.value) };
+        let value = if m.value.fract() == 0.0 {
+            format!("{}", m.value)
+        } else {
+            format!("{:.2}", m.value)
+        };
         format!(" {value} {}", m.unit)
     } else {
         String::new()

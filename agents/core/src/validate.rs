@@ -86,7 +86,10 @@ pub fn release_spec(spec: &ReleaseSpec) -> Result<(), String> {
     for (i, c) in spec.checks.iter().enumerate() {
         check(c).map_err(|e| format!("spec.checks[{i}]: {e}"))?;
         if spec.checks[..i].iter().any(|other| other.name == c.name) {
-            return Err(format!("spec.checks[{i}]: the name {:?} is used twice", c.name));
+            return Err(format!(
+                "spec.checks[{i}]: the name {:?} is used twice",
+                c.name
+            ));
         }
     }
     if let Some(build) = &spec.build {
@@ -117,7 +120,8 @@ fn check(c: &Check) -> Result<(), String> {
                     h.expect_status
                 ));
             }
-            if !h.url.is_empty() && !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+            if !h.url.is_empty() && !(h.url.starts_with("http://") || h.url.starts_with("https://"))
+            {
                 return Err(format!("url {:?} is not an http(s) URL", h.url));
             }
             text("url", &h.url)?;
@@ -269,11 +273,19 @@ mod tests {
         };
         let http = |name: &str, url: &str| Check {
             name: name.into(),
-            kind: Some(check::Kind::Http(HttpCheck { path: "/health".into(), url: url.into(), ..Default::default() })),
+            kind: Some(check::Kind::Http(HttpCheck {
+                path: "/health".into(),
+                url: url.into(),
+                ..Default::default()
+            })),
         };
         let latency = |threshold_ms| Check {
             name: "p95".into(),
-            kind: Some(check::Kind::Latency(LatencyCheck { percentile: 95.0, threshold_ms, ..Default::default() })),
+            kind: Some(check::Kind::Latency(LatencyCheck {
+                percentile: 95.0,
+                threshold_ms,
+                ..Default::default()
+            })),
         };
         let cases = [
             (vec![http("a", ""), latency(100)], None),
@@ -282,7 +294,10 @@ mod tests {
             (vec![http("a", "ftp://x")], Some("not an http(s) URL")),
         ];
         for (checks, why) in cases {
-            let spec = ReleaseSpec { checks, ..base.clone() };
+            let spec = ReleaseSpec {
+                checks,
+                ..base.clone()
+            };
             match (release_spec(&spec), why) {
                 (Ok(()), None) => {}
                 (Err(e), Some(why)) => assert!(e.contains(why), "{e}"),

@@ -6,6 +6,7 @@
 mod agents;
 mod builder;
 mod bus;
+mod cli;
 mod compose;
 mod config;
 mod crash;
@@ -23,6 +24,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(bus::trials());
     trials.extend(agents::trials());
     trials.extend(builder::trials());
+    trials.extend(cli::trials());
     trials.extend(sandbox::trials());
     trials.extend(compose::trials());
     trials.extend(config::trials());
