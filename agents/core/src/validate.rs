@@ -120,7 +120,7 @@ fn check(c: &Check) -> Result<(), String> {
                     h.expect_status
                 ));
             }
-            if !h.url.is_empty() && !(h.url.starts_with("http://") || h.url.starts_with("https://"))
+            if !(h.url.is_empty() || h.url.starts_with("http://") || h.url.starts_with("https://"))
             {
                 return Err(format!("url {:?} is not an http(s) URL", h.url));
             }
