@@ -220,27 +220,22 @@ pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitC
         actor(),
         "",
     );
-    bus.publish(
-        &EventSubject::new(env.clone(), app.clone(), rid, EventType::ReleaseRequested),
+    let said = format!(
+        "release {rid} requested: {app} {} to {env} ({})",
+        spec.image,
+        describe_strategy(spec.strategy)
+    );
+    let subject = EventSubject::new(env, app, rid, EventType::ReleaseRequested);
+    request(
+        &bus,
+        &subject,
         &event,
+        &said,
+        args.wait,
+        args.output,
+        timeout,
     )
     .await
-    .context("publishing the release request")?;
-    match args.output {
-        Output::Json if !args.wait => {
-            println!("{}", serde_json::json!({"release_id": rid.to_string()}))
-        }
-        Output::Json => {}
-        Output::Text => println!(
-            "release {rid} requested: {app} {} to {env} ({})",
-            spec.image,
-            describe_strategy(spec.strategy)
-        ),
-    }
-    if !args.wait {
-        return Ok(ExitCode::SUCCESS);
-    }
-    follow(&bus, rid, args.output, timeout).await
 }
 
 fn describe_strategy(strategy: i32) -> &'static str {
@@ -273,7 +268,7 @@ pub async fn rollback(nats: &NatsArgs, args: RollbackArgs) -> anyhow::Result<Exi
         );
     }
     let rid = ReleaseId::generate();
-    let request = RollbackRequested {
+    let rollback_request = RollbackRequested {
         app: app.to_string(),
         env: env.to_string(),
         namespace: environment.namespace.clone(),
@@ -284,28 +279,50 @@ pub async fn rollback(nats: &NatsArgs, args: RollbackArgs) -> anyhow::Result<Exi
     let event = Event::new(
         rid,
         EventKey::Once,
-        Payload::RollbackRequested(request),
+        Payload::RollbackRequested(rollback_request),
         bus.source(),
         actor(),
         "",
     );
-    bus.publish(
-        &EventSubject::new(env.clone(), app.clone(), rid, EventType::RollbackRequested),
+    let said = format!("rollback {rid} requested: {app} in {env}");
+    let subject = EventSubject::new(env, app, rid, EventType::RollbackRequested);
+    request(
+        &bus,
+        &subject,
         &event,
+        &said,
+        args.wait,
+        args.output,
+        timeout,
     )
     .await
-    .context("publishing the rollback request")?;
-    match args.output {
-        Output::Json if !args.wait => {
-            println!("{}", serde_json::json!({"release_id": rid.to_string()}))
-        }
+}
+
+/// Publishes a request, says so (the id alone in JSON), and follows it when asked to.
+async fn request(
+    bus: &Bus,
+    subject: &EventSubject,
+    event: &Event,
+    said: &str,
+    wait: bool,
+    output: Output,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    bus.publish(subject, event)
+        .await
+        .with_context(|| format!("publishing {}", subject.event_type))?;
+    match output {
+        Output::Json if !wait => println!(
+            "{}",
+            serde_json::json!({"release_id": subject.release_id.to_string()})
+        ),
         Output::Json => {}
-        Output::Text => println!("rollback {rid} requested: {app} in {env}"),
+        Output::Text => println!("{said}"),
     }
-    if !args.wait {
+    if !wait {
         return Ok(ExitCode::SUCCESS);
     }
-    follow(&bus, rid, args.output, timeout).await
+    follow(bus, subject.release_id, output, timeout).await
 }
 
 /// The exit code of an ended release: 0 succeeded, 2 rolled back, 1 failed. A manual rollback

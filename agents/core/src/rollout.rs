@@ -61,16 +61,21 @@ pub fn current_replica_set<'a>(
     deployment: &Deployment,
     sets: &'a [ReplicaSet],
 ) -> Option<&'a ReplicaSet> {
-    let revision = revision_of(&deployment.metadata)?;
-    let uid = deployment.metadata.uid.as_deref()?;
-    sets.iter().find(|rs| {
-        revision_of(&rs.metadata) == Some(revision)
-            && rs
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.uid == uid)
+    replica_set_of_revision(deployment, sets, revision_of(&deployment.metadata)?)
+}
+
+/// The ReplicaSets the Deployment owns.
+fn owned<'a>(
+    deployment: &Deployment,
+    sets: &'a [ReplicaSet],
+) -> impl Iterator<Item = &'a ReplicaSet> + 'a {
+    let uid = deployment.metadata.uid.clone().unwrap_or_default();
+    sets.iter().filter(move |rs| {
+        rs.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| !uid.is_empty() && o.uid == uid)
     })
 }
 
@@ -80,16 +85,7 @@ pub fn replica_set_of_revision<'a>(
     sets: &'a [ReplicaSet],
     revision: &str,
 ) -> Option<&'a ReplicaSet> {
-    let uid = deployment.metadata.uid.as_deref()?;
-    sets.iter().find(|rs| {
-        revision_of(&rs.metadata) == Some(revision)
-            && rs
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.uid == uid)
-    })
+    owned(deployment, sets).find(|rs| revision_of(&rs.metadata) == Some(revision))
 }
 
 /// The highest revision below `below` among the Deployment's ReplicaSets: what `rollout undo` restores.
@@ -98,15 +94,7 @@ pub fn previous_replica_set<'a>(
     sets: &'a [ReplicaSet],
     below: u64,
 ) -> Option<&'a ReplicaSet> {
-    let uid = deployment.metadata.uid.as_deref()?;
-    sets.iter()
-        .filter(|rs| {
-            rs.metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.uid == uid)
-        })
+    owned(deployment, sets)
         .filter_map(|rs| {
             revision_of(&rs.metadata)
                 .and_then(|r| r.parse::<u64>().ok())
