@@ -81,7 +81,11 @@ mod p {
         })
     }
     pub fn step(step: u32, weight: u32) -> Payload {
-        Payload::DeployStepStarted(DeployStepStarted { step, weight })
+        Payload::DeployStepStarted(DeployStepStarted {
+            step,
+            weight,
+            ..Default::default()
+        })
     }
     pub fn ready(step: u32, weight: u32) -> Payload {
         Payload::DeployStepReady(DeployStepReady {
@@ -155,6 +159,7 @@ mod p {
         Payload::RollbackCompleted(RollbackCompleted {
             restored_revision: "5".into(),
             restored_image: "x".into(),
+            ..Default::default()
         })
     }
     pub fn rollback_failed() -> Payload {

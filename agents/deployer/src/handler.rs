@@ -295,7 +295,11 @@ impl Deployer {
                     subject,
                     cause,
                     EventKey::Step(step),
-                    Payload::DeployStepStarted(DeployStepStarted { step, weight }),
+                    Payload::DeployStepStarted(DeployStepStarted {
+                        step,
+                        weight,
+                        ..Default::default()
+                    }),
                 )
                 .await?
             }

@@ -46,7 +46,11 @@ fn requested() -> Payload {
 }
 
 fn step_started(step: u32) -> Payload {
-    Payload::DeployStepStarted(DeployStepStarted { step, weight: 10 })
+    Payload::DeployStepStarted(DeployStepStarted {
+        step,
+        weight: 10,
+        ..Default::default()
+    })
 }
 
 fn step_ready(step: u32) -> Payload {

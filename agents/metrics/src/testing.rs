@@ -169,6 +169,7 @@ impl Script {
             Payload::DeployStepStarted(DeployStepStarted {
                 step: 1,
                 weight: 100,
+                ..Default::default()
             }),
         )
     }

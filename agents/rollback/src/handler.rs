@@ -287,6 +287,7 @@ impl RollbackAgent {
                     Payload::RollbackCompleted(RollbackCompleted {
                         restored_revision: revision,
                         restored_image: started.to_image.clone(),
+                        ..Default::default()
                     }),
                 )
                 .await?;

@@ -527,6 +527,7 @@ async fn crash_looping_pods_fail_the_pod_health_check() -> Result<()> {
     let started = Payload::DeployStepStarted(DeployStepStarted {
         step: 1,
         weight: 100,
+        ..Default::default()
     });
     f.publish("deployer", "web", rid, EventKey::Step(1), started)
         .await?;

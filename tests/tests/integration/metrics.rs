@@ -157,6 +157,7 @@ impl<'a> Release<'a> {
             Payload::DeployStepStarted(DeployStepStarted {
                 step: 1,
                 weight: 100,
+                ..Default::default()
             }),
         )
         .await?;
