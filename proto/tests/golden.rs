@@ -355,8 +355,11 @@ fn every_payload_type_has_a_fixture_that_decodes_to_the_same_message() {
 /// Fields added after the first fixtures, with a fixture of their own (older fixtures stay as
 /// they were: they prove old events still decode).
 fn later_samples() -> Vec<(&'static str, Payload)> {
-    let selector: std::collections::HashMap<String, String> =
-        [("app".to_string(), "checkout".to_string()), ("baton.dev/colour".to_string(), "green".to_string())].into();
+    let selector: std::collections::HashMap<String, String> = [
+        ("app".to_string(), "checkout".to_string()),
+        ("baton.dev/colour".to_string(), "green".to_string()),
+    ]
+    .into();
     vec![
         (
             "deploy.step_started+action+selector",
@@ -387,9 +390,13 @@ fn fields_added_later_have_fixtures_too() {
         if bless && !path.exists() {
             std::fs::write(&path, expected.encode_to_vec()).unwrap();
         }
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
         let decoded = Envelope::decode(bytes.as_slice()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(decoded, expected, "fixture {name} no longer decodes to the same message");
+        assert_eq!(
+            decoded, expected,
+            "fixture {name} no longer decodes to the same message"
+        );
     }
 }
 

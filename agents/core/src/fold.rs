@@ -102,6 +102,10 @@ pub struct ReleaseState {
     pub cluster_changed: bool,
     pub pauses: usize,
     pub resumes: usize,
+    /// Pauses and resumes per step, and when a step was first paused (for timed pauses).
+    pub step_pauses: BTreeMap<u32, u32>,
+    pub step_resumes: BTreeMap<u32, u32>,
+    pub first_pause_ms: BTreeMap<u32, i64>,
     pub abort_requested: bool,
     pub pause_requests: usize,
     pub resume_requests: usize,
@@ -196,8 +200,18 @@ impl ReleaseState {
                 self.cluster_changed |= d.cluster_changed;
                 self.fail(EventType::DeployFailed, Some(d.step), &d.reason);
             }
-            Payload::ReleasePaused(_) => self.pauses += 1,
-            Payload::ReleaseResumed(_) => self.resumes += 1,
+            Payload::ReleasePaused(p) => {
+                self.pauses += 1;
+                *self.step_pauses.entry(p.step).or_default() += 1;
+                if let Some(t) = time {
+                    let first = self.first_pause_ms.entry(p.step).or_insert(t);
+                    *first = (*first).min(t);
+                }
+            }
+            Payload::ReleaseResumed(r) => {
+                self.resumes += 1;
+                *self.step_resumes.entry(r.step).or_default() += 1;
+            }
             Payload::AnalysisStarted(a) => {
                 self.analyses_started.insert(a.step);
             }
@@ -262,6 +276,12 @@ impl ReleaseState {
 
     pub fn is_paused(&self) -> bool {
         self.pauses > self.resumes
+    }
+
+    /// Whether `step` has a pause not yet answered by a resume.
+    pub fn is_paused_at(&self, step: u32) -> bool {
+        self.step_pauses.get(&step).copied().unwrap_or(0)
+            > self.step_resumes.get(&step).copied().unwrap_or(0)
     }
 
     /// The release's status, derived from the facts.

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod names;
 pub mod subject;
 pub mod validate;
+pub mod workload;
 
 pub use event::{Event, EventType, Role};
 pub use fold::{fold, ReleaseState, Status};

@@ -1,7 +1,7 @@
 //! The deployer's reactions to events. Each is idempotent: it decides from the release's folded
 //! history and publishes with deterministic ids, so running it twice (after a crash) does no harm.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +14,7 @@ use baton_core::event::{timestamp_ms, Event, EventType};
 use baton_core::fold::ReleaseState;
 use baton_core::ids::EventKey;
 use baton_core::names::{AppName, EnvName, ReleaseId};
-use baton_core::rollout::{self, Rollout};
+use baton_core::rollout;
 use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
 use baton_core::subject::EventSubject;
 use baton_proto::v1::{envelope::Payload, *};
@@ -23,15 +23,17 @@ use crate::cluster;
 use crate::decide::{self, Next};
 use crate::error::{Error, Result};
 use crate::lock::{self, Lock};
+use crate::steps;
 
 /// The default step timeout when the spec gives none.
 const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Deployer {
     pub client: kube::Client,
-    /// Releases this process is driving right now: a second trigger for the same release (its
-    /// build finishing while the lock is handed over) must not drive it twice at once.
-    driving: Arc<Mutex<HashSet<ReleaseId>>>,
+    /// Releases this process is driving right now, each with a "poked" flag: a second trigger for
+    /// the same release must not drive it twice at once, but must not be lost either — the
+    /// driver looks at the history once more before it stops.
+    driving: Arc<Mutex<HashMap<ReleaseId, bool>>>,
 }
 
 impl Deployer {
@@ -54,7 +56,18 @@ impl Handler for Deployer {
 }
 
 /// Frees the in-process "driving" mark when the drive ends, however it ends.
-struct DrivingGuard(Arc<Mutex<HashSet<ReleaseId>>>, ReleaseId);
+struct DrivingGuard(Arc<Mutex<HashMap<ReleaseId, bool>>>, ReleaseId);
+
+impl DrivingGuard {
+    /// Whether another trigger came while driving (and forget it).
+    fn take_poke(&self) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&self.1).map(std::mem::take))
+            .unwrap_or(false)
+    }
+}
 
 impl Drop for DrivingGuard {
     fn drop(&mut self) {
@@ -75,7 +88,8 @@ impl Deployer {
         }
         match d.event.event_type {
             EventType::ReleaseRequested => self.on_requested(ctx, &d, &state).await,
-            EventType::BuildSucceeded => {
+            // Each of these may let the release go further: drive it as far as it goes now.
+            EventType::BuildSucceeded | EventType::AnalysisPassed => {
                 if self
                     .lock_for(ctx, &d.subject, d.subject.release_id, &state)
                     .await?
@@ -86,18 +100,74 @@ impl Deployer {
                 }
                 Ok(())
             }
-            EventType::AnalysisPassed => {
-                if decide::next(&state) == Next::Complete {
-                    self.complete(ctx, &d.subject, &d.event, &state).await?;
+            EventType::ReleasePauseRequested => self.on_pause(ctx, &d, &state).await,
+            EventType::ReleaseResumeRequested | EventType::ReleasePromoteRequested => {
+                self.on_resume_or_promote(ctx, &d, &state).await?;
+                let (events, state) = ctx.release_state(d.subject.release_id).await?;
+                if self
+                    .lock_for(ctx, &d.subject, d.subject.release_id, &state)
+                    .await?
+                    == Lock::Held
+                {
+                    self.drive(ctx, &d.subject, &d.event, &events, state)
+                        .await?;
                 }
                 Ok(())
             }
             EventType::ReleaseSucceeded
             | EventType::ReleaseFailed
             | EventType::ReleaseRolledBack => self.on_ended(ctx, &d).await,
-            // Manual control of progressive strategies; a rolling release has no steps to hold.
             _ => Ok(()),
         }
+    }
+
+    /// A person asks to hold the release where it is.
+    async fn on_pause(&self, ctx: &AgentContext, d: &Delivery, state: &ReleaseState) -> Result<()> {
+        if state.terminal.is_some() || !state.deploy_started || state.is_paused() {
+            tracing::info!("nothing to pause");
+            return Ok(());
+        }
+        let step = state.current_step().unwrap_or(0);
+        let reason = match d.event.payload() {
+            Some(Payload::ReleasePauseRequested(p)) if !p.reason.is_empty() => {
+                format!("paused by {}: {}", d.event.envelope.actor, p.reason)
+            }
+            _ => format!("paused by {}", d.event.envelope.actor),
+        };
+        ctx.emit(
+            d,
+            EventKey::Named(d.event.id()),
+            Payload::ReleasePaused(ReleasePaused { step, reason }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A person resumes a paused release, or promotes one waiting at a gate (or all the way).
+    async fn on_resume_or_promote(
+        &self,
+        ctx: &AgentContext,
+        d: &Delivery,
+        state: &ReleaseState,
+    ) -> Result<()> {
+        if state.terminal.is_some() || !state.is_paused() {
+            return Ok(());
+        }
+        // The step that is held: the highest with a pause not yet resumed.
+        let step = state
+            .step_pauses
+            .keys()
+            .rev()
+            .find(|s| state.is_paused_at(**s))
+            .copied()
+            .unwrap_or_else(|| state.current_step().unwrap_or(0));
+        ctx.emit(
+            d,
+            EventKey::Named(d.event.id()),
+            Payload::ReleaseResumed(ReleaseResumed { step }),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn on_requested(
@@ -165,7 +235,8 @@ impl Deployer {
         }
     }
 
-    /// Carries the release as far as it can go now: pre-checks, then the step that is due.
+    /// Carries the release as far as it can go now: pre-checks, the steps that are due, their
+    /// gates, and the completion.
     async fn drive(
         &self,
         ctx: &AgentContext,
@@ -176,87 +247,75 @@ impl Deployer {
     ) -> Result<()> {
         let rid = subject.release_id;
         {
-            let Ok(mut set) = self.driving.lock() else {
+            let Ok(mut map) = self.driving.lock() else {
                 return Ok(());
             };
-            if !set.insert(rid) {
-                tracing::debug!("already driving this release");
+            if let Some(poked) = map.get_mut(&rid) {
+                *poked = true;
+                tracing::debug!("already driving this release; it will look again");
                 return Ok(());
             }
+            map.insert(rid, false);
         }
-        let _guard = DrivingGuard(self.driving.clone(), rid);
+        let guard = DrivingGuard(self.driving.clone(), rid);
         let mut state = state;
         let mut events = events.to_vec();
         loop {
-            let next = decide::next(&state);
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let next = decide::next(&state, now);
             tracing::debug!(?next, "next");
             match next {
                 Next::Wait(why) => {
-                    tracing::debug!(why, "nothing to do now");
-                    return Ok(());
-                }
-                Next::Unsupported(strategy) => {
-                    let reason = format!(
-                        "strategy {} is not supported by this deployer",
-                        strategy.as_str_name()
-                    );
-                    self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason)
-                        .await?;
-                    return Ok(());
-                }
-                Next::PreCheck => {
-                    let spec = state.spec.clone().ok_or(Error::NoSpec {
-                        release_id: rid.to_string(),
-                    })?;
-                    match cluster::prechecks(&self.client, &spec).await? {
-                        Err(reason) => {
-                            self.fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason)
-                                .await?;
-                            return Ok(());
-                        }
-                        Ok(checked) => {
-                            let image = checked
-                                .deployment
-                                .spec
-                                .template
-                                .spec
-                                .as_ref()
-                                .and_then(|s| {
-                                    s.containers.iter().find(|c| c.name == checked.container)
-                                })
-                                .and_then(|c| c.image.clone())
-                                .unwrap_or_default();
-                            let revision = checked
-                                .deployment
-                                .metadata
-                                .annotations
-                                .as_ref()
-                                .and_then(|a| a.get(rollout::REVISION).cloned())
-                                .unwrap_or_default();
-                            ctx.emit_for(
-                                subject,
-                                cause,
-                                EventKey::Once,
-                                Payload::DeployStarted(DeployStarted {
-                                    strategy: Strategy::Rolling as i32,
-                                    previous_revision: revision,
-                                    previous_image: image,
-                                    workload: spec.app.clone(),
-                                    replicas: checked.deployment.spec.replicas.unwrap_or(1).max(0)
-                                        as u32,
-                                }),
-                            )
-                            .await?;
-                        }
+                    if !guard.take_poke() {
+                        tracing::debug!(why, "nothing to do now");
+                        return Ok(());
                     }
                 }
-                Next::Step { step, weight } => {
+                Next::WaitFor { ms } => {
+                    tracing::info!(seconds = ms / 1000, "pausing");
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return Err(Error::Rollout(baton_core::rollout::WaitError::Shutdown)),
+                        _ = tokio::time::sleep(Duration::from_millis(ms.clamp(0, 5_000) as u64)) => {}
+                    }
+                }
+                Next::PreCheck => self.precheck(ctx, subject, cause, &state).await?,
+                Next::Step { step, weight, last } => {
                     if !self
-                        .step(ctx, subject, cause, &events, &state, step, weight)
+                        .step(ctx, subject, cause, &events, &state, step, weight, last)
                         .await?
                     {
                         return Ok(());
                     }
+                }
+                Next::Gate {
+                    step,
+                    until_promoted,
+                    seconds,
+                } => {
+                    let reason = if until_promoted {
+                        "waiting for a person to promote (baton promote)".to_owned()
+                    } else {
+                        format!("pause of {seconds}s after step {step}")
+                    };
+                    ctx.emit_for(
+                        subject,
+                        cause,
+                        EventKey::Named(&format!("gate-{step}")),
+                        Payload::ReleasePaused(ReleasePaused { step, reason }),
+                    )
+                    .await?;
+                }
+                Next::EndGate { step } => {
+                    ctx.emit_for(
+                        subject,
+                        cause,
+                        EventKey::Named(&format!("gate-{step}-end")),
+                        Payload::ReleaseResumed(ReleaseResumed { step }),
+                    )
+                    .await?;
                 }
                 Next::Complete => {
                     self.complete(ctx, subject, cause, &state).await?;
@@ -268,7 +327,57 @@ impl Deployer {
         }
     }
 
-    /// Runs one step: patch, follow the rollout, publish ready or failed. True when ready.
+    async fn precheck(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        cause: &Event,
+        state: &ReleaseState,
+    ) -> Result<()> {
+        let spec = state.spec.clone().ok_or(Error::NoSpec {
+            release_id: subject.release_id.to_string(),
+        })?;
+        let checked = match cluster::prechecks(&self.client, &spec).await? {
+            Err(reason) => {
+                return self
+                    .fail(ctx, subject, cause, 0, FailureKind::Precheck, false, reason)
+                    .await;
+            }
+            Ok(checked) => checked,
+        };
+        let image = checked
+            .deployment
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == checked.container))
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default();
+        let revision = checked
+            .deployment
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(rollout::REVISION).cloned())
+            .unwrap_or_default();
+        ctx.emit_for(
+            subject,
+            cause,
+            EventKey::Once,
+            Payload::DeployStarted(DeployStarted {
+                strategy: decide::strategy(&spec) as i32,
+                previous_revision: revision,
+                previous_image: image,
+                workload: spec.app.clone(),
+                replicas: checked.deployment.spec.replicas.unwrap_or(1).max(0) as u32,
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Runs one step: change the cluster, follow it, publish ready or failed. True when ready.
     #[allow(clippy::too_many_arguments)]
     async fn step(
         &self,
@@ -279,18 +388,28 @@ impl Deployer {
         state: &ReleaseState,
         step: u32,
         weight: u32,
+        last: bool,
     ) -> Result<bool> {
         let rid = subject.release_id;
         let spec = state.spec.clone().ok_or(Error::NoSpec {
             release_id: rid.to_string(),
         })?;
-        let image_ref = state.image_ref.clone().unwrap_or_default();
+        let strategy = decide::strategy(&spec);
+        let replicas = events
+            .iter()
+            .find_map(|e| match e.payload() {
+                Some(Payload::DeployStarted(d)) => Some(d.replicas as i32),
+                _ => None,
+            })
+            .unwrap_or(1);
         let started_event = match events
             .iter()
             .find(|e| matches!(e.payload(), Some(Payload::DeployStepStarted(s)) if s.step == step))
         {
             Some(e) => e.clone(),
             None => {
+                let plan = steps::describe(strategy, &spec, step, weight, last, replicas);
+                tracing::info!(step, weight, action = %plan.action, "step");
                 ctx.emit_for(
                     subject,
                     cause,
@@ -298,7 +417,8 @@ impl Deployer {
                     Payload::DeployStepStarted(DeployStepStarted {
                         step,
                         weight,
-                        ..Default::default()
+                        action: plan.action,
+                        selector: plan.selector,
                     }),
                 )
                 .await?
@@ -315,33 +435,25 @@ impl Deployer {
             .await?
             .map(|c| c.container)
             .unwrap_or_else(|_| spec.container.clone());
-        cluster::apply_image(
-            &self.client,
-            &spec,
-            &container,
-            &image_ref,
-            &rid.to_string(),
-        )
-        .await?;
-        let timeout = match spec.step_timeout_seconds {
-            0 => DEFAULT_STEP_TIMEOUT,
-            s => Duration::from_secs(u64::from(s)),
-        };
-        let outcome = rollout::wait(
-            &self.client,
-            &spec.namespace,
-            &spec.app,
+        let image_ref = state.image_ref.clone().unwrap_or_default();
+        let rid_text = rid.to_string();
+        let step_ctx = steps::StepCtx {
+            client: &self.client,
+            spec: &spec,
+            container: &container,
+            image_ref: &image_ref,
+            release_id: &rid_text,
+            replicas,
             started,
-            timeout,
-            &ctx.shutdown,
-            |msg| {
-                tracing::info!(step, progress = msg, "rolling out");
+            timeout: match spec.step_timeout_seconds {
+                0 => DEFAULT_STEP_TIMEOUT,
+                s => Duration::from_secs(u64::from(s)),
             },
-        )
-        .await?;
-        match outcome {
-            Rollout::Complete { pods, revision } => {
-                tracing::info!(step, %revision, pods = pods.len(), "step ready");
+            shutdown: &ctx.shutdown,
+        };
+        match steps::run(strategy, &step_ctx, step, weight, last).await? {
+            steps::StepOutcome::Ready(pods) => {
+                tracing::info!(step, pods = pods.len(), "step ready");
                 ctx.emit_for(
                     subject,
                     cause,
@@ -351,13 +463,19 @@ impl Deployer {
                 .await?;
                 Ok(true)
             }
-            Rollout::Failed(problem) => {
-                let kind = problem.kind;
-                self.fail(ctx, subject, cause, step, kind, true, problem.reason)
-                    .await?;
+            steps::StepOutcome::Failed(problem) => {
+                self.fail(
+                    ctx,
+                    subject,
+                    cause,
+                    step,
+                    problem.kind,
+                    true,
+                    problem.reason,
+                )
+                .await?;
                 Ok(false)
             }
-            Rollout::Progressing(_) => Ok(false),
         }
     }
 

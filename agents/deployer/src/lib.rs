@@ -6,11 +6,14 @@
 //! a server-side apply of the image digest, followed like `kubectl rollout status` but failing
 //! fast on crash loops, pull failures and unready pods past the step timeout.
 
+mod bluegreen;
+mod canary;
 mod cluster;
 mod decide;
 mod error;
 mod handler;
 mod lock;
+mod steps;
 
 use std::sync::Arc;
 

@@ -16,8 +16,9 @@ use baton_core::event::{timestamp_ms, Event};
 use baton_core::fold::ReleaseState;
 use baton_core::ids::EventKey;
 use baton_core::names::ReleaseId;
-use baton_core::rollout::{self, Rollout, FIELD_MANAGER, REVISION};
+use baton_core::rollout::{self, Rollout, FIELD_MANAGER, RELEASE_ANNOTATION, REVISION};
 use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::workload;
 use baton_proto::v1::{envelope::Payload, *};
 
 use crate::decide::{decide, Action};
@@ -144,6 +145,30 @@ impl RollbackAgent {
                 )
                 .await;
         };
+        if let Some(spec) = &state.spec {
+            match Strategy::try_from(spec.strategy).unwrap_or(Strategy::Rolling) {
+                Strategy::Canary => {
+                    if self
+                        .roll_back_canary(ctx, d, state, &deployment, &reason)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                }
+                Strategy::BlueGreen => {
+                    return crate::bluegreen::roll_back(
+                        &self.client,
+                        ctx,
+                        d,
+                        events,
+                        state,
+                        reason,
+                    )
+                    .await;
+                }
+                _ => {}
+            }
+        }
         let started_event = events
             .iter()
             .find(|e| matches!(e.payload(), Some(Payload::RollbackStarted(_))))
@@ -312,6 +337,73 @@ impl RollbackAgent {
             }
             Rollout::Progressing(_) => Ok(()),
         }
+    }
+
+    /// Removes a canary; when the promotion had not reached the stable Deployment, that is the
+    /// whole rollback (true). When it had, the stable Deployment is restored as a rolling one.
+    async fn roll_back_canary(
+        &self,
+        ctx: &AgentContext,
+        d: &Delivery,
+        state: &ReleaseState,
+        stable: &Deployment,
+        reason: &str,
+    ) -> Result<bool> {
+        let Some(spec) = &state.spec else {
+            return Ok(false);
+        };
+        let changed_by_this_release = stable
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(RELEASE_ANNOTATION))
+            .is_some_and(|r| *r == d.subject.release_id.to_string());
+        let to_revision = state.previous_revision.clone().unwrap_or_default();
+        let to_image = state.previous_image.clone().unwrap_or_default();
+        if !changed_by_this_release {
+            ctx.emit(
+                d,
+                EventKey::Once,
+                Payload::RollbackStarted(RollbackStarted {
+                    reason: format!("{reason} (removing the canary)"),
+                    to_revision: to_revision.clone(),
+                    to_image: to_image.clone(),
+                }),
+            )
+            .await?;
+        }
+        workload::remove_canary(&self.client, &spec.namespace, &spec.app, &spec.ingress)
+            .await
+            .map_err(|source| Error::Restore {
+                namespace: spec.namespace.clone(),
+                name: workload::canary_name(&spec.app),
+                source,
+            })?;
+        if changed_by_this_release {
+            return Ok(false);
+        }
+        tracing::info!("canary removed; the stable Deployment was never changed");
+        ctx.emit(
+            d,
+            EventKey::Once,
+            Payload::RollbackCompleted(RollbackCompleted {
+                restored_revision: to_revision,
+                restored_image: to_image,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        ctx.emit(
+            d,
+            EventKey::Once,
+            Payload::ReleaseRolledBack(ReleaseRolledBack {
+                reason: reason.to_owned(),
+            }),
+        )
+        .await?;
+        Ok(true)
     }
 
     /// The rollback cannot complete: say why, and end the release as failed.

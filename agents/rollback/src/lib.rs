@@ -6,6 +6,7 @@
 //! available before it ends the release as rolled back. When there is nothing to restore, or the
 //! restored revision does not come up, the release ends as failed with the reason.
 
+mod bluegreen;
 mod decide;
 mod error;
 mod handler;
