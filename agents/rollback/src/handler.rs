@@ -147,13 +147,12 @@ impl RollbackAgent {
         };
         if let Some(spec) = &state.spec {
             match Strategy::try_from(spec.strategy).unwrap_or(Strategy::Rolling) {
-                Strategy::Canary => {
+                Strategy::Canary
                     if self
                         .roll_back_canary(ctx, d, state, &deployment, &reason)
-                        .await?
-                    {
-                        return Ok(());
-                    }
+                        .await? =>
+                {
+                    return Ok(());
                 }
                 Strategy::BlueGreen => {
                     return crate::bluegreen::roll_back(
