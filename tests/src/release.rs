@@ -41,6 +41,16 @@ pub struct Baton {
 /// The configuration the tests apply: environment `test` (the test's namespace), environment
 /// `ghost` (a namespace that does not exist), app `web` with an HTTP health check.
 pub fn config_yaml(namespace: &str, analysis: &str) -> String {
+    app_config(
+        namespace,
+        &format!("strategy: rolling\nanalysis: {analysis}"),
+    )
+}
+
+/// The test configuration with app settings of the caller's (YAML lines at the app's level,
+/// e.g. `strategy: canary`), after the common ones.
+pub fn app_config(namespace: &str, app_settings: &str) -> String {
+    let settings: String = app_settings.lines().map(|l| format!("    {l}\n")).collect();
     format!(
         r#"environments:
   test:
@@ -53,14 +63,12 @@ apps:
   web:
     container: app
     port: {PORT}
-    strategy: rolling
     rolling: {{max_surge: "1", max_unavailable: "0"}}
     step_timeout: 60s
-    analysis: {analysis}
     checks:
       - name: health
         http: {{path: /health, expect_status: 200, timeout: 2s, retries: 1, interval: 200ms}}
-"#
+{settings}"#
     )
 }
 

@@ -6,6 +6,7 @@
 mod agents;
 mod builder;
 mod bus;
+mod canary;
 mod cli;
 mod compose;
 mod config;
@@ -24,6 +25,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(bus::trials());
     trials.extend(agents::trials());
     trials.extend(builder::trials());
+    trials.extend(canary::trials());
     trials.extend(cli::trials());
     trials.extend(sandbox::trials());
     trials.extend(compose::trials());
