@@ -30,16 +30,19 @@ fn spec() -> ReleaseSpec {
                     weight: 10,
                     pause_seconds: 60,
                     pause_until_promoted: false,
+                    ..Default::default()
                 },
                 CanaryStep {
                     weight: 50,
                     pause_seconds: 0,
                     pause_until_promoted: true,
+                    ..Default::default()
                 },
                 CanaryStep {
                     weight: 100,
                     pause_seconds: 0,
                     pause_until_promoted: false,
+                    ..Default::default()
                 },
             ],
         }),

@@ -1177,7 +1177,7 @@ impl Walk {
         let mut last: Option<u32> = None;
         for (i, item) in items.iter().enumerate() {
             let p = format!("{path}[{i}]");
-            let Some(sf) = self.fields(&p, item, &["weight", "pause"]) else {
+            let Some(sf) = self.fields(&p, item, &["weight", "pause", "analysis"]) else {
                 continue;
             };
             let mut step = CanaryStep::default();
@@ -1199,6 +1199,24 @@ impl Walk {
                         last = Some(w);
                         step.weight = w;
                     }
+                }
+            }
+            if let Some((ap, av)) = sf.get("analysis") {
+                if let Some(a) = self.fields(&ap, av, &["duration", "interval", "failure_limit"]) {
+                    step.analysis = Some(AnalysisParams {
+                        duration_seconds: a
+                            .get("duration")
+                            .and_then(|(p, v)| self.seconds(&p, v, 0))
+                            .unwrap_or(0),
+                        interval_seconds: a
+                            .get("interval")
+                            .and_then(|(p, v)| self.seconds(&p, v, 1))
+                            .unwrap_or(0),
+                        failure_limit: a
+                            .get("failure_limit")
+                            .and_then(|(p, v)| self.uint(&p, v, 0, 1000))
+                            .unwrap_or(0),
+                    });
                 }
             }
             if let Some((pp, pv)) = sf.get("pause") {

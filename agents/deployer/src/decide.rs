@@ -184,21 +184,25 @@ mod tests {
                         weight: 10,
                         pause_seconds: 0,
                         pause_until_promoted: false,
+                        ..Default::default()
                     },
                     CanaryStep {
                         weight: 50,
                         pause_seconds: 0,
                         pause_until_promoted: true,
+                        ..Default::default()
                     },
                     CanaryStep {
                         weight: 75,
                         pause_seconds: 60,
                         pause_until_promoted: false,
+                        ..Default::default()
                     },
                     CanaryStep {
                         weight: 100,
                         pause_seconds: 0,
                         pause_until_promoted: false,
+                        ..Default::default()
                     },
                 ],
             }),

@@ -257,6 +257,31 @@ impl Plan {
     }
 }
 
+/// The spec as one step's analysis sees it: a canary step's own analysis parameters, where set,
+/// replace the release's.
+pub fn for_step(spec: &ReleaseSpec, step: u32) -> ReleaseSpec {
+    let mut spec = spec.clone();
+    let is_canary = spec.strategy == baton_proto::v1::Strategy::Canary as i32;
+    let own = spec
+        .canary
+        .as_ref()
+        .and_then(|c| c.steps.get(step as usize))
+        .and_then(|s| s.analysis);
+    if let (true, Some(own)) = (is_canary, own) {
+        let base = spec.analysis.get_or_insert_with(Default::default);
+        if own.duration_seconds > 0 {
+            base.duration_seconds = own.duration_seconds;
+        }
+        if own.interval_seconds > 0 {
+            base.interval_seconds = own.interval_seconds;
+        }
+        if own.failure_limit > 0 {
+            base.failure_limit = own.failure_limit;
+        }
+    }
+    spec
+}
+
 /// Resolves the spec's checks and analysis parameters, with defaults, refusing what cannot run.
 pub fn plan(spec: &ReleaseSpec) -> Result<Plan, String> {
     let settings = Settings::from_params(spec.analysis.as_ref())?;

@@ -1111,3 +1111,52 @@ fn long_texts_are_cut_on_character_boundaries() {
     assert_eq!(truncate("ééééé", 4), "ééé…");
     assert_eq!(truncate("a\nb", 5), "a b");
 }
+
+#[test]
+fn a_canary_step_may_have_an_analysis_of_its_own() {
+    use baton_proto::v1::{AnalysisParams, CanaryParams, CanaryStep, Strategy};
+    let spec = ReleaseSpec {
+        strategy: Strategy::Canary as i32,
+        analysis: Some(AnalysisParams {
+            duration_seconds: 30,
+            interval_seconds: 5,
+            failure_limit: 1,
+        }),
+        canary: Some(CanaryParams {
+            steps: vec![
+                CanaryStep {
+                    weight: 10,
+                    analysis: Some(AnalysisParams {
+                        duration_seconds: 120,
+                        interval_seconds: 0,
+                        failure_limit: 3,
+                    }),
+                    ..Default::default()
+                },
+                CanaryStep {
+                    weight: 100,
+                    ..Default::default()
+                },
+            ],
+        }),
+        ..Default::default()
+    };
+    let own = for_step(&spec, 0).analysis.unwrap();
+    assert_eq!(
+        (
+            own.duration_seconds,
+            own.interval_seconds,
+            own.failure_limit
+        ),
+        (120, 5, 3)
+    );
+    let base = for_step(&spec, 1).analysis.unwrap();
+    assert_eq!(
+        (
+            base.duration_seconds,
+            base.interval_seconds,
+            base.failure_limit
+        ),
+        (30, 5, 1)
+    );
+}

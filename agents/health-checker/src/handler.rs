@@ -77,7 +77,8 @@ impl HealthChecker {
         let Some(spec) = state.spec.as_ref() else {
             return Ok(());
         };
-        let plan = analysis::plan(spec).map_err(HandlerError::Permanent)?;
+        let plan =
+            analysis::plan(&analysis::for_step(spec, step)).map_err(HandlerError::Permanent)?;
         for check in &plan.checks {
             if let CheckKind::Http(h) = &check.kind {
                 if let Some(url) = &h.url {

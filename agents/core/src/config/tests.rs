@@ -126,17 +126,20 @@ fn the_full_example_parses_and_resolves_every_field() {
             CanaryStep {
                 weight: 10,
                 pause_seconds: 0,
-                pause_until_promoted: false
+                pause_until_promoted: false,
+                ..Default::default()
             },
             CanaryStep {
                 weight: 50,
                 pause_seconds: 300,
-                pause_until_promoted: false
+                pause_until_promoted: false,
+                ..Default::default()
             },
             CanaryStep {
                 weight: 100,
                 pause_seconds: 0,
-                pause_until_promoted: true
+                pause_until_promoted: true,
+                ..Default::default()
             },
         ]
     );
