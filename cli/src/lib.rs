@@ -9,6 +9,7 @@ use baton_core::bus::{Bus, InitialConnect, NatsArgs};
 use baton_core::busconfig::{self, Definitions};
 
 mod config;
+mod control;
 mod credentials;
 mod history;
 mod release;
@@ -33,6 +34,14 @@ pub enum Command {
     Logs(release::LogsArgs),
     /// Roll APP back to its previous revision in an environment
     Rollback(release::RollbackArgs),
+    /// Hold a canary or blue-green release after its current step
+    Pause(control::PauseArgs),
+    /// Continue a release a person paused
+    Resume(control::ResumeArgs),
+    /// Let a release waiting at a gate go on (--full: all the way to 100%)
+    Promote(control::PromoteArgs),
+    /// Stop a release now and roll it back
+    Abort(control::AbortArgs),
     /// Past releases, newest first
     History(history::HistoryArgs),
     /// Delivery metrics (DORA and more) over a window
@@ -91,6 +100,10 @@ impl Cli {
             Command::Status(args) => done(release::status(&self.nats, args).await),
             Command::Logs(args) => done(release::logs(&self.nats, args).await),
             Command::Rollback(args) => release::rollback(&self.nats, args).await,
+            Command::Pause(args) => control::pause(&self.nats, args).await,
+            Command::Resume(args) => control::resume(&self.nats, args).await,
+            Command::Promote(args) => control::promote(&self.nats, args).await,
+            Command::Abort(args) => control::abort(&self.nats, args).await,
             Command::History(args) => done(history::history(&self.nats, args).await),
             Command::Metrics(args) => done(history::metrics(&self.nats, args).await),
             Command::Config(cmd) => done(config::run(&self.nats, cmd).await),

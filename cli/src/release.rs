@@ -9,6 +9,7 @@ use futures::StreamExt;
 
 use baton_core::bus::{Bus, NatsArgs, EVENTS_STREAM};
 use baton_core::config::{self, store, Overrides};
+use baton_core::control::{Hold, Progress};
 use baton_core::event::{Event, EventType};
 use baton_core::fold::{fold, ReleaseState, Status};
 use baton_core::ids::EventKey;
@@ -322,7 +323,7 @@ async fn request(
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
-    follow(bus, subject.release_id, output, timeout).await
+    follow(bus, subject.release_id, output, timeout, 0).await
 }
 
 /// The exit code of an ended release: 0 succeeded, 2 rolled back, 1 failed. A manual rollback
@@ -336,13 +337,14 @@ fn exit_code(state: &ReleaseState) -> ExitCode {
     }
 }
 
-/// Prints each event of the release as it happens, with a progress line during long waits,
-/// until the release ends.
-async fn follow(
+/// Prints each event of the release as it happens (those from stream sequence `print_from` on),
+/// with a progress line during long waits, until the release ends.
+pub(crate) async fn follow(
     bus: &Bus,
     rid: ReleaseId,
     output: Output,
     timeout: Duration,
+    print_from: u64,
 ) -> anyhow::Result<ExitCode> {
     let stream = bus
         .jetstream()
@@ -360,8 +362,9 @@ async fn follow(
     let mut messages = consumer.messages().await.context("following the release")?;
     let mut events: Vec<Event> = Vec::new();
     let start = Instant::now();
-    let mut last_event = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    // A progress line once nothing has been printed for 10 s, then every 10 s.
+    let mut last_printed = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
     loop {
         tokio::select! {
@@ -369,9 +372,11 @@ async fn follow(
                 let m = m.ok_or_else(|| anyhow!("the event stream ended"))?.context("reading the event stream")?;
                 let Ok(s) = EventSubject::parse(&m.subject) else { continue };
                 let Ok(event) = Event::decode(&m.payload, Some(s.event_type), Some(&rid.to_string())) else { continue };
-                last_event = Instant::now();
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
+                last_printed = Instant::now();
                 let t0 = events.first().map(|e| e.time_ms()).unwrap_or(event.time_ms());
                 match output {
+                    _ if seq < print_from => {}
                     Output::Text => println!("{:>8}  {:<26} {}", offset(event.time_ms() - t0), event.event_type.as_str(), describe(&event)),
                     Output::Json => println!("{}", event_json(&event)),
                 }
@@ -388,28 +393,32 @@ async fn follow(
                 if start.elapsed() > timeout {
                     bail!("gave up following release {rid} after {}s; it goes on: `baton status {rid}`", timeout.as_secs());
                 }
-                if last_event.elapsed() >= Duration::from_secs(10) && output == Output::Text {
-                    let state = fold(&events);
-                    println!("{:>8}  … {} ({})", offset(start.elapsed().as_millis() as i64), state.status(), waiting_for(&state));
+                if last_printed.elapsed() >= Duration::from_secs(10) && output == Output::Text {
+                    last_printed = Instant::now();
+                    let progress = Progress::of(rid, &events);
+                    println!("{:>8}  … {}", offset(start.elapsed().as_millis() as i64), progress_line(&progress, now_ms()));
                 }
             }
         }
     }
 }
 
-/// What a release is waiting for, in words.
-fn waiting_for(state: &ReleaseState) -> &'static str {
-    match state.status() {
-        Status::Pending => "waiting for the agents to pick it up",
-        Status::Queued => "waiting for the release in flight to end",
-        Status::Building => "waiting for the image to resolve",
-        Status::Deploying { .. } if state.failure.is_some() => "waiting for the rollback agent",
-        Status::Deploying { .. } => "waiting for the new pods to become ready",
-        Status::Analysing { .. } => "analysing the new pods",
-        Status::Paused { .. } => "paused until resumed",
-        Status::RollingBack => "waiting for the previous revision to become available",
-        _ => "done",
-    }
+/// Where a release is and what it waits for, in one line: "step 2 (3 of 5) at 50%: analysing
+/// step 2 (started 12s ago)", "building: waiting for the image to resolve".
+pub(crate) fn progress_line(p: &Progress, now_ms: i64) -> String {
+    let what = p.status().to_string();
+    format!(
+        "{}: {}",
+        p.step_text().unwrap_or(what),
+        p.waiting_for(now_ms)
+    )
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn offset(ms: i64) -> String {
@@ -437,8 +446,8 @@ pub fn describe(event: &Event) -> String {
                 event.envelope.actor
             )
         }),
-        Payload::ReleaseAbortRequested(r) => format!("by {}: {}", event.envelope.actor, r.reason),
-        Payload::ReleasePauseRequested(r) => format!("by {}: {}", event.envelope.actor, r.reason),
+        Payload::ReleaseAbortRequested(r) => by_because(&event.envelope.actor, &r.reason),
+        Payload::ReleasePauseRequested(r) => by_because(&event.envelope.actor, &r.reason),
         Payload::ReleaseResumeRequested(_) => format!("by {}", event.envelope.actor),
         Payload::ReleasePromoteRequested(p) => format!(
             "by {}{}",
@@ -463,7 +472,10 @@ pub fn describe(event: &Event) -> String {
             },
             d.previous_image
         ),
-        Payload::DeployStepStarted(s) => format!("step {} at {}%", s.step, s.weight),
+        Payload::DeployStepStarted(s) if s.action.is_empty() => {
+            format!("step {} at {}%", s.step, s.weight)
+        }
+        Payload::DeployStepStarted(s) => format!("step {}: {}", s.step, s.action),
         Payload::DeployStepReady(s) => format!(
             "step {} at {}%: {} new pod(s) ready ({})",
             s.step,
@@ -492,12 +504,12 @@ pub fn describe(event: &Event) -> String {
         Payload::ReleasePaused(p) => format!("at step {}: {}", p.step, p.reason),
         Payload::ReleaseResumed(r) => format!("at step {}", r.step),
         Payload::AnalysisStarted(a) => format!("step {}: {}", a.step, a.checks.join(", ")),
-        Payload::AnalysisPassed(a) => format!("step {}: {}", a.step, measurements(&a.measurements)),
+        Payload::AnalysisPassed(a) => format!("step {}: {}", a.step, passed(&a.measurements)),
         Payload::AnalysisFailed(a) => format!(
             "step {}: {} — {}",
             a.step,
             a.reason,
-            measurements(&a.measurements)
+            failed(&a.measurements)
         ),
         Payload::RollbackStarted(r) => format!(
             "to revision {} ({}): {}",
@@ -512,15 +524,38 @@ pub fn describe(event: &Event) -> String {
     }
 }
 
-fn measurements(ms: &[Measurement]) -> String {
-    let shown: Vec<String> = ms.iter().take(6).map(measurement).collect();
-    let more = ms.len().saturating_sub(shown.len());
-    let more = if more > 0 {
-        format!("; {more} more")
+/// "by alice", or "by alice: the reason".
+fn by_because(actor: &str, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("by {actor}")
     } else {
-        String::new()
-    };
-    format!("{}{more}", shown.join("; "))
+        format!("by {actor}: {reason}")
+    }
+}
+
+/// A passing verdict in short: how many measurements, and the health-checker's summary of its
+/// rounds (every measurement is in `baton status`).
+fn passed(ms: &[Measurement]) -> String {
+    let summary = ms
+        .iter()
+        .find(|m| m.check == "analysis" && !m.detail.is_empty())
+        .map(|m| format!("; {}", m.detail))
+        .unwrap_or_default();
+    format!("{} measurement(s) ok{summary}", ms.len())
+}
+
+/// A failing verdict in short: the failed measurements (the first three).
+fn failed(ms: &[Measurement]) -> String {
+    const SHOWN: usize = 3;
+    let bad: Vec<&Measurement> = ms.iter().filter(|m| !m.ok).collect();
+    let mut text: Vec<String> = bad.iter().take(SHOWN).map(|m| measurement(m)).collect();
+    if bad.len() > SHOWN {
+        text.push(format!("{} more failed", bad.len() - SHOWN));
+    }
+    if text.is_empty() {
+        return format!("{} measurement(s)", ms.len());
+    }
+    text.join("; ")
 }
 
 /// `check target ok (detail)`; the value and unit when there is no detail.
@@ -541,7 +576,7 @@ fn measurement(m: &Measurement) -> String {
     format!("{} {} {verdict}{what}", m.check, m.target)
 }
 
-fn event_json(e: &Event) -> serde_json::Value {
+pub(crate) fn event_json(e: &Event) -> serde_json::Value {
     let source = e.envelope.source.clone().unwrap_or_default();
     serde_json::json!({
         "id": e.envelope.id,
@@ -568,11 +603,9 @@ async fn history_of(nats: &NatsArgs, id: &str) -> anyhow::Result<(ReleaseId, Vec
 
 pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
     let (rid, events) = history_of(nats, &args.id).await?;
-    let state = fold(&events);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let progress = Progress::of(rid, &events);
+    let state = &progress.state;
+    let now = now_ms();
     let spec = state.spec.clone().unwrap_or_default();
     let (app, env) = match (&state.spec, &state.rollback_request) {
         (Some(s), _) => (s.app.clone(), s.env.clone()),
@@ -583,6 +616,7 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
         .last()
         .map(|e| e.event_type.as_str())
         .unwrap_or_default();
+    let waiting = (!state.status().is_terminal()).then(|| progress.waiting_for(now));
     match args.output {
         Output::Json => println!(
             "{}",
@@ -591,6 +625,20 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
                 "app": app, "env": env,
                 "status": state.status().name(),
                 "step": state.current_step(), "weight": state.current_weight(),
+                "steps": progress.plan.iter().map(|s| serde_json::json!({
+                    "weight": s.weight,
+                    "pause_seconds": s.pause_seconds,
+                    "until_promoted": s.until_promoted,
+                })).collect::<Vec<_>>(),
+                "waiting_for": waiting,
+                "hold": progress.hold.as_ref().map(|h| hold_json(h, now)),
+                "analysis": progress.verdict.as_ref().map(|v| serde_json::json!({
+                    "step": v.step,
+                    "verdict": if v.passed { "passed" } else { "failed" },
+                    "reason": v.reason,
+                    "time": time_text(v.time_ms),
+                    "measurements": v.measurements.iter().map(measurement_json).collect::<Vec<_>>(),
+                })),
                 "image": spec.image, "image_ref": state.image_ref,
                 "strategy": describe_strategy(spec.strategy),
                 "actor": state.actor,
@@ -621,8 +669,36 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
                 );
                 println!("strategy  {}", describe_strategy(spec.strategy));
             }
-            if let (Some(step), Some(weight)) = (state.current_step(), state.current_weight()) {
-                println!("step      {step} at {weight}%");
+            if let Some(plan) = progress.plan_text() {
+                println!("steps     {plan}");
+            }
+            if let Some(step) = progress.step_text() {
+                println!("step      {}", step.trim_start_matches("step "));
+            }
+            if let Some(w) = &waiting {
+                println!("now       {w}");
+            }
+            if let Some(v) = &progress.verdict {
+                println!(
+                    "analysis  step {} {}{}",
+                    v.step,
+                    if v.passed { "passed" } else { "failed" },
+                    if v.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", v.reason)
+                    }
+                );
+                const SHOWN: usize = 20;
+                for m in v.measurements.iter().take(SHOWN) {
+                    println!("          {}", measurement(m));
+                }
+                if v.measurements.len() > SHOWN {
+                    println!(
+                        "          … {} more: baton logs {rid} --output json",
+                        v.measurements.len() - SHOWN
+                    );
+                }
             }
             println!("by        {}", state.actor);
             if let Some(t) = state.requested_at_ms {
@@ -650,9 +726,6 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
             if let Some(r) = &state.terminal_reason {
                 println!("reason    {r}");
             }
-            if !state.status().is_terminal() {
-                println!("waiting   {}", waiting_for(&state));
-            }
             println!(
                 "events    {} (last: {last}); all of them: baton logs {rid}",
                 state.events
@@ -660,6 +733,38 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn hold_json(hold: &Hold, now_ms: i64) -> serde_json::Value {
+    let mut v = serde_json::json!({"kind": hold.kind(), "step": hold.step()});
+    match hold {
+        Hold::Timed {
+            seconds, until_ms, ..
+        } => {
+            v["seconds"] = (*seconds).into();
+            v["until"] = time_text(*until_ms).into();
+            v["left_ms"] = (until_ms - now_ms).max(0).into();
+        }
+        Hold::Person {
+            by,
+            reason,
+            since_ms,
+            ..
+        } => {
+            v["by"] = by.clone().into();
+            v["reason"] = reason.clone().into();
+            v["since"] = time_text(*since_ms).into();
+        }
+        Hold::Promotion { .. } => {}
+    }
+    v
+}
+
+fn measurement_json(m: &Measurement) -> serde_json::Value {
+    serde_json::json!({
+        "check": m.check, "target": m.target, "ok": m.ok,
+        "value": m.value, "unit": m.unit, "detail": m.detail,
+    })
 }
 
 pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<()> {
@@ -690,6 +795,87 @@ pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn m(check: &str, target: &str, ok: bool, detail: &str) -> Measurement {
+        Measurement {
+            check: check.into(),
+            target: target.into(),
+            ok,
+            detail: detail.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn verdicts_are_one_short_line() {
+        let ok = [
+            m("analysis", "rounds", true, "3 of 3 rounds run"),
+            m("health", "web-1@10.0.0.1", true, "200"),
+        ];
+        assert_eq!(passed(&ok), "2 measurement(s) ok; 3 of 3 rounds run");
+        let bad: Vec<Measurement> = (0..5)
+            .map(|i| m("health", &format!("web-{i}@10.0.0.{i}"), i == 0, "500"))
+            .collect();
+        assert_eq!(
+            failed(&bad),
+            "health web-1@10.0.0.1 FAILED (500); health web-2@10.0.0.2 FAILED (500); \
+             health web-3@10.0.0.3 FAILED (500); 1 more failed"
+        );
+        assert_eq!(by_because("bob", ""), "by bob");
+        assert_eq!(by_because("bob", "lunch"), "by bob: lunch");
+    }
+
+    #[test]
+    fn the_progress_line_says_the_step_and_what_is_waited_for() {
+        let rid = ReleaseId::generate();
+        let source = Source::default();
+        let spec = ReleaseSpec {
+            app: "web".into(),
+            env: "test".into(),
+            strategy: Strategy::Canary as i32,
+            ..Default::default()
+        };
+        let mut events = vec![Event::new(
+            rid,
+            EventKey::Once,
+            Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) }),
+            source.clone(),
+            "alice",
+            "",
+        )];
+        let p = Progress::of(rid, &events);
+        assert_eq!(
+            progress_line(&p, now_ms()),
+            "pending: waiting for the agents to pick it up"
+        );
+        for payload in [
+            Payload::DeployStarted(DeployStarted::default()),
+            Payload::DeployStepStarted(DeployStepStarted {
+                step: 2,
+                weight: 50,
+                ..Default::default()
+            }),
+            Payload::ReleasePaused(ReleasePaused {
+                step: 2,
+                reason: "paused by bob: lunch".into(),
+                ..Default::default()
+            }),
+        ] {
+            events.push(Event::new(
+                rid,
+                EventKey::Unique,
+                payload,
+                source.clone(),
+                "bob",
+                "",
+            ));
+        }
+        let p = Progress::of(rid, &events);
+        assert_eq!(
+            progress_line(&p, now_ms()),
+            format!("step 2 (3 of 5) at 50%: paused by bob: lunch (baton resume {rid})")
+        );
+    }
 
     #[test]
     fn rfc3339_times_parse() {

@@ -240,6 +240,7 @@ fn samples() -> Vec<(&'static str, Payload)> {
             Payload::ReleasePaused(ReleasePaused {
                 step: 1,
                 reason: "until promoted".into(),
+                ..Default::default()
             }),
         ),
         (
@@ -371,6 +372,14 @@ fn later_samples() -> Vec<(&'static str, Payload)> {
                 weight: 100,
                 action: "switch Service checkout to green".into(),
                 selector: selector.clone(),
+            }),
+        ),
+        (
+            "release.paused+gate",
+            Payload::ReleasePaused(ReleasePaused {
+                step: 2,
+                reason: "pause of 300s after step 2".into(),
+                gate: true,
             }),
         ),
         (

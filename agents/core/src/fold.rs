@@ -106,6 +106,10 @@ pub struct ReleaseState {
     pub step_pauses: BTreeMap<u32, u32>,
     pub step_resumes: BTreeMap<u32, u32>,
     pub first_pause_ms: BTreeMap<u32, i64>,
+    /// Steps whose gate (the strategy's own pause) has begun.
+    pub gate_steps: BTreeSet<u32>,
+    /// Who asked to abort, and why (the first request).
+    pub abort: Option<(String, String)>,
     pub abort_requested: bool,
     pub pause_requests: usize,
     pub resume_requests: usize,
@@ -162,7 +166,12 @@ impl ReleaseState {
                 self.actor = event.envelope.actor.clone();
                 self.requested_at_ms = time;
             }
-            Payload::ReleaseAbortRequested(_) => self.abort_requested = true,
+            Payload::ReleaseAbortRequested(a) => {
+                self.abort_requested = true;
+                if self.abort.is_none() {
+                    self.abort = Some((event.envelope.actor.clone(), a.reason.clone()));
+                }
+            }
             Payload::ReleasePauseRequested(_) => self.pause_requests += 1,
             Payload::ReleaseResumeRequested(_) => self.resume_requests += 1,
             Payload::ReleasePromoteRequested(p) => {
@@ -203,6 +212,9 @@ impl ReleaseState {
             Payload::ReleasePaused(p) => {
                 self.pauses += 1;
                 *self.step_pauses.entry(p.step).or_default() += 1;
+                if p.gate {
+                    self.gate_steps.insert(p.step);
+                }
                 if let Some(t) = time {
                     let first = self.first_pause_ms.entry(p.step).or_insert(t);
                     *first = (*first).min(t);

@@ -125,6 +125,7 @@ mod p {
         Payload::ReleasePaused(ReleasePaused {
             step,
             reason: "asked".into(),
+            ..Default::default()
         })
     }
     pub fn resumed(step: u32) -> Payload {

@@ -24,6 +24,7 @@ pub mod bus;
 pub mod busconfig;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -30,6 +30,8 @@ pub fn payload(payload: &Payload) -> Result<(), String> {
             }
             text("reason", &r.reason)
         }
+        Payload::ReleaseAbortRequested(a) => text("reason", &a.reason),
+        Payload::ReleasePauseRequested(p) => text("reason", &p.reason),
         Payload::ReleaseQueued(q) => {
             ReleaseId::parse(&q.blocking_release_id)
                 .map_err(|e| format!("blocking_release_id: {e}"))?;

@@ -7,69 +7,8 @@
 //! and after a step's gate (a timed pause, or a pause until a person promotes) is resumed.
 
 use baton_core::fold::ReleaseState;
-use baton_proto::v1::{ReleaseSpec, Strategy};
 
-/// One step of a strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StepDef {
-    pub weight: u32,
-    /// A timed pause after the step's analysis.
-    pub pause_seconds: u32,
-    /// Hold after the step's analysis until a person promotes.
-    pub until_promoted: bool,
-}
-
-impl StepDef {
-    const fn at(weight: u32) -> Self {
-        StepDef {
-            weight,
-            pause_seconds: 0,
-            until_promoted: false,
-        }
-    }
-
-    fn gated(&self) -> bool {
-        self.until_promoted || self.pause_seconds > 0
-    }
-}
-
-pub fn strategy(spec: &ReleaseSpec) -> Strategy {
-    match Strategy::try_from(spec.strategy).unwrap_or(Strategy::Unspecified) {
-        Strategy::Unspecified => Strategy::Rolling,
-        s => s,
-    }
-}
-
-/// The default canary steps.
-pub const CANARY_STEPS: [u32; 5] = [10, 25, 50, 75, 100];
-
-/// The steps of a release.
-pub fn plan(spec: &ReleaseSpec) -> Vec<StepDef> {
-    match strategy(spec) {
-        Strategy::Canary => {
-            let mut steps: Vec<StepDef> = match spec.canary.as_ref().filter(|c| !c.steps.is_empty())
-            {
-                Some(c) => c
-                    .steps
-                    .iter()
-                    .map(|s| StepDef {
-                        weight: s.weight,
-                        pause_seconds: s.pause_seconds,
-                        until_promoted: s.pause_until_promoted,
-                    })
-                    .collect(),
-                None => CANARY_STEPS.iter().map(|w| StepDef::at(*w)).collect(),
-            };
-            // The last step is always the promotion, at 100%.
-            if steps.last().is_none_or(|s| s.weight != 100) {
-                steps.push(StepDef::at(100));
-            }
-            steps
-        }
-        Strategy::BlueGreen => vec![StepDef::at(0), StepDef::at(100)],
-        _ => vec![StepDef::at(100)],
-    }
-}
+pub use baton_core::control::{plan, strategy};
 
 /// The next thing to do for a release the deployer holds the lock for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,8 +73,7 @@ pub fn next(state: &ReleaseState, now_ms: i64) -> Next {
         }
         // A gate after the step, unless a person promoted all the way.
         if def.gated() && !state.promote_full {
-            let paused = state.step_pauses.get(&i).copied().unwrap_or(0);
-            if paused == 0 {
+            if !state.gate_steps.contains(&i) {
                 return Next::Gate {
                     step: i,
                     until_promoted: def.until_promoted,
@@ -172,8 +110,9 @@ pub fn next(state: &ReleaseState, now_ms: i64) -> Next {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use baton_core::control::CANARY_STEPS;
     use baton_core::event::EventType;
-    use baton_proto::v1::{CanaryParams, CanaryStep};
+    use baton_proto::v1::{CanaryParams, CanaryStep, ReleaseSpec, Strategy};
 
     fn spec(strategy: Strategy) -> ReleaseSpec {
         ReleaseSpec {
@@ -304,6 +243,7 @@ mod tests {
         );
         s.pauses += 1;
         s.step_pauses.insert(1, 1);
+        s.gate_steps.insert(1);
         assert_eq!(next(&s, 0), Next::Wait("waiting for a person to promote"));
         s.resumes += 1;
         s.step_resumes.insert(1, 1);
@@ -327,6 +267,7 @@ mod tests {
         );
         s.pauses += 1;
         s.step_pauses.insert(2, 1);
+        s.gate_steps.insert(2);
         s.first_pause_ms.insert(2, 1_000);
         assert_eq!(next(&s, 31_000), Next::WaitFor { ms: 30_000 });
         assert_eq!(next(&s, 61_000), Next::EndGate { step: 2 });
@@ -342,6 +283,29 @@ mod tests {
         );
         done(&mut s, 3);
         assert_eq!(next(&s, 61_000), Next::Complete);
+    }
+
+    #[test]
+    fn a_person_pausing_during_a_gated_step_does_not_skip_its_gate() {
+        let mut s = state(Strategy::Canary);
+        done(&mut s, 0);
+        s.steps_started.insert(1, 50);
+        // A person pauses and resumes at step 1 while it is analysed…
+        s.pauses = 1;
+        s.resumes = 1;
+        s.step_pauses.insert(1, 1);
+        s.step_resumes.insert(1, 1);
+        s.steps_ready.insert(1);
+        s.analyses_passed.insert(1);
+        // …and the step's own gate still holds the release.
+        assert_eq!(
+            next(&s, 0),
+            Next::Gate {
+                step: 1,
+                until_promoted: true,
+                seconds: 0
+            }
+        );
     }
 
     #[test]

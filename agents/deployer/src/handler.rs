@@ -137,7 +137,11 @@ impl Deployer {
         ctx.emit(
             d,
             EventKey::Named(d.event.id()),
-            Payload::ReleasePaused(ReleasePaused { step, reason }),
+            Payload::ReleasePaused(ReleasePaused {
+                step,
+                reason,
+                gate: false,
+            }),
         )
         .await?;
         Ok(())
@@ -304,7 +308,11 @@ impl Deployer {
                         subject,
                         cause,
                         EventKey::Named(&format!("gate-{step}")),
-                        Payload::ReleasePaused(ReleasePaused { step, reason }),
+                        Payload::ReleasePaused(ReleasePaused {
+                            step,
+                            reason,
+                            gate: true,
+                        }),
                     )
                     .await?;
                 }

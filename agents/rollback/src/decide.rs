@@ -37,9 +37,20 @@ pub fn decide(trigger: EventType, state: &ReleaseState) -> Action {
         EventType::ReleaseAbortRequested if !state.cluster_changed => {
             Action::Fail("aborted before the cluster was changed".into())
         }
-        EventType::ReleaseAbortRequested => Action::RollBack {
-            reason: format!("aborted by {}", state.actor),
-        },
+        EventType::ReleaseAbortRequested => {
+            let (by, why) = state
+                .abort
+                .clone()
+                .unwrap_or_else(|| (state.actor.clone(), String::new()));
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            };
+            Action::RollBack {
+                reason: format!("aborted by {by}{why}"),
+            }
+        }
         EventType::DeployFailed | EventType::AnalysisFailed if !state.cluster_changed => {
             Action::Fail(format!(
                 "deploy failed before changing the cluster: {reason}"

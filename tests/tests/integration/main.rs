@@ -10,6 +10,7 @@ mod canary;
 mod cli;
 mod compose;
 mod config;
+mod control;
 mod crash;
 mod garbage;
 mod health;
@@ -36,6 +37,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(garbage::trials());
     trials.extend(health::trials());
     trials.extend(metrics::trials());
+    trials.extend(control::trials());
     run(trials)
 }
 
