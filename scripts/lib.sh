@@ -1,0 +1,59 @@
+# Shared by scripts/demo.sh and scripts/bench.sh: build Baton, bring up the sandbox and the five
+# agents as real processes, and remove everything on exit. Source it; it sets `bin`, `work`.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+bash scripts/setup.sh
+echo "== building Baton"
+cargo build --workspace --locked --quiet
+bin=$root/target/debug
+
+work=$(mktemp -d -t baton.XXXXXX)
+pids=()
+agent_pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+start_sandbox() {
+  echo "== starting the sandbox (logs: $work/sandbox.log)"
+  "$bin/baton-sandbox" up --env-file "$work/sandbox.env" >"$work/sandbox.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 600); do
+    [ -s "$work/sandbox.env" ] && break
+    kill -0 "${pids[0]}" 2>/dev/null || { cat "$work/sandbox.log"; echo "the sandbox failed to start" >&2; exit 1; }
+    sleep 0.2
+  done
+  set -a; . "$work/sandbox.env"; set +a
+  echo "   NATS_URL=$NATS_URL  KUBECONFIG=$KUBECONFIG  BATON_REGISTRY=$BATON_REGISTRY"
+}
+
+start_agents() {
+  echo "== starting the five agents (logs in $work)"
+  local port=19090 agent p
+  for agent in builder deployer health-checker rollback metrics; do
+    BATON_PLAIN_HTTP_REGISTRIES=$BATON_REGISTRY "$bin/baton-$agent" --cluster sandbox \
+      --http-addr "127.0.0.1:$port" >"$work/$agent.log" 2>&1 &
+    pids+=($!)
+    agent_pids+=("$agent:$!")
+    port=$((port + 1))
+  done
+  for p in 19090 19091 19092 19093 19094; do
+    for _ in $(seq 1 300); do
+      curl -fsS "http://127.0.0.1:$p/readyz" >/dev/null 2>&1 && break
+      sleep 0.2
+    done
+  done
+}
+
+# The demo's workload (Deployment demo/web running web:v1) and configuration.
+start_workload() {
+  "$bin/baton-sandbox" push-image demo/web:v1 --env BATON_SIM_HEALTH=ok >/dev/null
+  sed "s|REGISTRY|$BATON_REGISTRY|g" examples/demo/web.yaml >"$work/web.yaml"
+  "$bin/baton-sandbox" apply -f "$work/web.yaml" --wait
+  "$bin/baton" config apply examples/demo/baton.yaml
+}
