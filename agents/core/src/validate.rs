@@ -43,8 +43,8 @@ pub fn payload(payload: &Payload) -> Result<(), String> {
             }
             text("image_ref", &b.image_ref)
         }
-        Payload::DeployStepStarted(s) => weight(s.weight),
-        Payload::DeployStepReady(s) => weight(s.weight),
+        Payload::DeployStepStarted(s) => step_weight(s.weight),
+        Payload::DeployStepReady(s) => step_weight(s.weight),
         _ => Ok(()),
     }
 }
@@ -154,6 +154,15 @@ fn check(c: &Check) -> Result<(), String> {
             }
             s.argv.iter().try_for_each(|a| text("argv", a))
         }
+    }
+}
+
+/// A step's share of the traffic: 0 for a step that takes none (blue-green's preview).
+fn step_weight(w: u32) -> Result<(), String> {
+    if w <= 100 {
+        Ok(())
+    } else {
+        Err(format!("weight {w} is not in 0..=100"))
     }
 }
 

@@ -116,7 +116,28 @@ impl Deployer {
             }
             EventType::ReleaseSucceeded
             | EventType::ReleaseFailed
-            | EventType::ReleaseRolledBack => self.on_ended(ctx, &d).await,
+            | EventType::ReleaseRolledBack => {
+                // Blue-green: schedule the old colour's scale-down before a queued release of the
+                // app may start. Never holds the lock back: a schedule that could not be written
+                // is left to the next release of the app.
+                if let Some(spec) = state.spec.as_ref().filter(|s| {
+                    d.event.event_type == EventType::ReleaseSucceeded
+                        && decide::strategy(s) == Strategy::BlueGreen
+                }) {
+                    if let Err(e) = crate::bluegreen::after_success(
+                        &self.client,
+                        spec,
+                        &d.subject.release_id.to_string(),
+                        d.event.time_ms(),
+                        &ctx.shutdown,
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = %e, "could not schedule the old colour's scale-down");
+                    }
+                }
+                self.on_ended(ctx, &d).await
+            }
             _ => Ok(()),
         }
     }
@@ -416,7 +437,18 @@ impl Deployer {
         {
             Some(e) => e.clone(),
             None => {
-                let plan = steps::describe(strategy, &spec, step, weight, last, replicas);
+                let plan = if strategy == Strategy::BlueGreen {
+                    crate::bluegreen::describe_live(
+                        &self.client,
+                        &spec,
+                        &rid.to_string(),
+                        step,
+                        last,
+                    )
+                    .await?
+                } else {
+                    steps::describe(strategy, &spec, step, weight, last, replicas)
+                };
                 tracing::info!(step, weight, action = %plan.action, "step");
                 ctx.emit_for(
                     subject,

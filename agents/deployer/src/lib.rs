@@ -35,6 +35,8 @@ pub struct Args {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let client = self.agent.kube_client().await?;
+        // Blue-green scale-downs whose timer died with an earlier process.
+        tokio::spawn(bluegreen::sweep(client.clone()));
         let agent = Agent {
             role: Role::Deployer,
             handler: Arc::new(handler::Deployer::new(client.clone())),

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agents;
+mod bluegreen;
 mod builder;
 mod bus;
 mod canary;
@@ -38,6 +39,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(health::trials());
     trials.extend(metrics::trials());
     trials.extend(control::trials());
+    trials.extend(bluegreen::trials());
     run(trials)
 }
 
