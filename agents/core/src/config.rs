@@ -334,7 +334,8 @@ impl Config {
             scale_down_delay_seconds: s
                 .scale_down_delay_seconds
                 .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECONDS),
-            post_promotion_analysis: s.post_promotion_analysis.unwrap_or(false),
+            // On unless turned off: the switch is checked again with real traffic.
+            post_promotion_analysis: s.post_promotion_analysis.unwrap_or(true),
         });
         let build = s
             .build_argv

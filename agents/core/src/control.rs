@@ -53,6 +53,18 @@ pub fn strategy(spec: &ReleaseSpec) -> Strategy {
     }
 }
 
+/// Whether a step is analysed: every step, but blue-green's switch when the release turned its
+/// post-promotion analysis off.
+pub fn analysed(spec: &ReleaseSpec, step: u32) -> bool {
+    let switch_unchecked = strategy(spec) == Strategy::BlueGreen
+        && step == 1
+        && spec
+            .blue_green
+            .as_ref()
+            .is_some_and(|b| !b.post_promotion_analysis);
+    !switch_unchecked
+}
+
 /// The steps of a release, as the deployer runs them: a rolling update is one step at 100%; a
 /// canary is its weights (the defaults when none are given), always ending with the promotion at
 /// 100%; blue-green is the new colour behind the preview Service (0%), then the switch (100%).

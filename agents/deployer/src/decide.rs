@@ -65,7 +65,7 @@ pub fn next(state: &ReleaseState, now_ms: i64) -> Next {
                 last: i == last,
             };
         }
-        if !state.analyses_passed.contains(&i) {
+        if !state.analyses_passed.contains(&i) && baton_core::control::analysed(spec, i) {
             return Next::Wait("waiting for the analysis of the step");
         }
         if i == last {
@@ -337,6 +337,21 @@ mod tests {
                 last: true
             }
         );
+    }
+
+    #[test]
+    fn blue_green_without_post_promotion_analysis_completes_after_the_switch() {
+        let mut s = state(Strategy::BlueGreen);
+        if let Some(spec) = s.spec.as_mut() {
+            spec.blue_green = Some(baton_proto::v1::BlueGreenParams {
+                scale_down_delay_seconds: 5,
+                post_promotion_analysis: false,
+            });
+        }
+        done(&mut s, 0);
+        s.steps_started.insert(1, 100);
+        s.steps_ready.insert(1);
+        assert_eq!(next(&s, 0), Next::Complete);
     }
 
     #[test]

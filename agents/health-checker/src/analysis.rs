@@ -78,6 +78,11 @@ pub fn decide(state: &ReleaseState, step: u32, cluster: &str) -> Decision {
     if state.analyses_passed.contains(&step) {
         return Decision::Skip(format!("step {step} already passed its analysis"));
     }
+    if !baton_core::control::analysed(spec, step) {
+        return Decision::Skip(format!(
+            "step {step} is not analysed (post-promotion analysis is off)"
+        ));
+    }
     if state.analyses_failed.contains(&step) {
         return Decision::Skip(format!("step {step} already failed its analysis"));
     }

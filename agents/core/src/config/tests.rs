@@ -260,7 +260,7 @@ fn defaults_fill_what_the_file_leaves_out() {
         bg.blue_green,
         Some(BlueGreenParams {
             scale_down_delay_seconds: 300,
-            post_promotion_analysis: false
+            post_promotion_analysis: true
         })
     );
 }
