@@ -459,7 +459,16 @@ async fn healthy(baton: &Baton, client: &Client) -> Result<()> {
         }
     })
     .await?;
-    let blue = watch.seen().replicas_of("web-blue");
+    // The watch may hear of the scale-down a moment after the read above.
+    let blue = eventually(
+        "the watch to see web-blue scaled to 0",
+        Duration::from_secs(30),
+        || {
+            let blue = watch.seen().replicas_of("web-blue");
+            async move { Ok(blue.iter().any(|(_, r)| *r == 0).then_some(blue)) }
+        },
+    )
+    .await?;
     ensure!(
         blue.first().map(|(_, r)| *r) == Some(2),
         "web-blue was never seen with 2 replicas: {blue:?}"
@@ -814,7 +823,15 @@ async fn the_old_colour_is_scaled_down_after_the_delay_even_when_the_deployer_re
             Ok((blue.spec.replicas == Some(0)).then_some(()))
         })
         .await?;
-        let blue = watch.seen().replicas_of("web-blue");
+        let blue = eventually(
+            "the watch to see web-blue scaled to 0",
+            Duration::from_secs(30),
+            || {
+                let blue = watch.seen().replicas_of("web-blue");
+                async move { Ok(blue.iter().any(|(_, r)| *r == 0).then_some(blue)) }
+            },
+        )
+        .await?;
         let (down, _) = *blue
             .iter()
             .find(|(_, r)| *r == 0)
