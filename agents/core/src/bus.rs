@@ -273,42 +273,61 @@ impl Bus {
         }
     }
 
-    /// Every event of a release, in stream order, decoded. Messages that fail to decode are
-    /// skipped with a warning (they were dead-lettered when they arrived).
-    pub async fn release_history(&self, release_id: ReleaseId) -> Result<Vec<Event>> {
-        let err = |message: String| Error::History {
-            release_id: release_id.to_string(),
-            message,
-        };
+    /// Every message of the event stream on `filter`, in stream order, as it is now (an ordered
+    /// consumer read up to the last message; nothing when there is none).
+    pub async fn read_events(
+        &self,
+        filter: &str,
+    ) -> std::result::Result<Vec<jetstream::Message>, String> {
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let mut consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject::release_events(release_id),
+                filter_subject: filter.to_owned(),
                 deliver_policy: consumer::DeliverPolicy::All,
                 ..Default::default()
             })
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let pending = consumer
             .info()
             .await
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| e.to_string())?
             .num_pending;
-        let mut events = Vec::with_capacity(pending as usize);
+        let mut out = Vec::with_capacity(pending as usize);
         if pending == 0 {
-            return Ok(events);
+            return Ok(out);
         }
-        let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         while let Some(message) = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
             .await
-            .map_err(|_| err("timed out reading the stream".into()))?
+            .map_err(|_| "timed out reading the stream".to_owned())?
         {
-            let message = message.map_err(|e| err(e.to_string()))?;
+            let message = message.map_err(|e| e.to_string())?;
             let left = message.info().map(|i| i.pending).unwrap_or(0);
+            out.push(message);
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every event of a release, in stream order, decoded. Messages that fail to decode are
+    /// skipped with a warning (they were dead-lettered when they arrived).
+    pub async fn release_history(&self, release_id: ReleaseId) -> Result<Vec<Event>> {
+        let messages = self
+            .read_events(&subject::release_events(release_id))
+            .await
+            .map_err(|message| Error::History {
+                release_id: release_id.to_string(),
+                message,
+            })?;
+        let mut events = Vec::with_capacity(messages.len());
+        for message in messages {
             match EventSubject::parse(&message.subject)
                 .map_err(|e| e.to_string())
                 .and_then(|s| {
@@ -323,9 +342,6 @@ impl Bus {
                 Err(reason) => {
                     tracing::warn!(subject = %message.subject, %reason, "skipping an invalid event in history")
                 }
-            }
-            if left == 0 {
-                break;
             }
         }
         Ok(events)

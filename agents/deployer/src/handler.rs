@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::consumer;
 use futures::future::BoxFuture;
-use futures::StreamExt;
 
 use baton_core::bus::{EVENTS_STREAM, LOCKS_BUCKET};
 use baton_core::event::{timestamp_ms, Event, EventType};
@@ -628,48 +626,22 @@ impl Deployer {
 
 /// The release ids of an app in an environment, in the order they were requested.
 async fn app_releases(ctx: &AgentContext, env: &EnvName, app: &AppName) -> Result<Vec<ReleaseId>> {
-    let err = |e: String| {
-        Error::Bus(baton_core::error::Error::Stream {
-            stream: EVENTS_STREAM.into(),
-            message: e,
-        })
-    };
-    let stream = ctx
+    let messages = ctx
         .bus
-        .jetstream()
-        .get_stream(EVENTS_STREAM)
+        .read_events(&format!("baton.v1.events.{env}.{app}.*.release.requested"))
         .await
-        .map_err(|e| err(e.to_string()))?;
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("baton.v1.events.{env}.{app}.*.release.requested"),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let pending = consumer
-        .info()
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .num_pending;
+        .map_err(|message| {
+            Error::Bus(baton_core::error::Error::Stream {
+                stream: EVENTS_STREAM.into(),
+                message,
+            })
+        })?;
     let mut ids = Vec::new();
-    if pending == 0 {
-        return Ok(ids);
-    }
-    let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
-    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-        .await
-        .map_err(|_| err("timed out".into()))?
-    {
-        let m = m.map_err(|e| err(e.to_string()))?;
+    for m in messages {
         if let Ok(s) = EventSubject::parse(&m.subject) {
             if !ids.contains(&s.release_id) {
                 ids.push(s.release_id);
             }
-        }
-        if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
-            break;
         }
     }
     Ok(ids)

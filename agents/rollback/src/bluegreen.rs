@@ -25,8 +25,7 @@ use baton_core::rollout::{self, Rollout, WaitError, FIELD_MANAGER, RELEASE_ANNOT
 use baton_core::runtime::{AgentContext, Delivery};
 use baton_core::workload::COLOUR_LABEL;
 use baton_proto::v1::{
-    envelope::Payload, ReleaseFailed, ReleaseRolledBack, RollbackCompleted, RollbackFailed,
-    RollbackStarted,
+    envelope::Payload, ReleaseFailed, ReleaseRolledBack, RollbackCompleted, RollbackStarted,
 };
 
 use crate::error::{Error, Result};
@@ -527,27 +526,7 @@ async fn complete(
     Ok(())
 }
 
-/// The rollback cannot complete: say why, and end the release as failed.
-async fn give_up(ctx: &AgentContext, d: &Delivery, reason: String) -> Result<()> {
-    tracing::warn!(%reason, "rollback failed");
-    ctx.emit(
-        d,
-        EventKey::Once,
-        Payload::RollbackFailed(RollbackFailed {
-            reason: reason.clone(),
-        }),
-    )
-    .await?;
-    ctx.emit(
-        d,
-        EventKey::Once,
-        Payload::ReleaseFailed(ReleaseFailed {
-            reason: format!("rollback failed: {reason}"),
-        }),
-    )
-    .await?;
-    Ok(())
-}
+use crate::handler::give_up;
 
 #[cfg(test)]
 mod tests {

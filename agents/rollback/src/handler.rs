@@ -407,24 +407,7 @@ impl RollbackAgent {
 
     /// The rollback cannot complete: say why, and end the release as failed.
     async fn give_up(&self, ctx: &AgentContext, d: &Delivery, reason: String) -> Result<()> {
-        tracing::warn!(%reason, "rollback failed");
-        ctx.emit(
-            d,
-            EventKey::Once,
-            Payload::RollbackFailed(RollbackFailed {
-                reason: reason.clone(),
-            }),
-        )
-        .await?;
-        ctx.emit(
-            d,
-            EventKey::Once,
-            Payload::ReleaseFailed(ReleaseFailed {
-                reason: format!("rollback failed: {reason}"),
-            }),
-        )
-        .await?;
-        Ok(())
+        give_up(ctx, d, reason).await
     }
 
     /// A manual rollback drives the workload, so it takes the app's lock like a release.
@@ -463,4 +446,26 @@ impl RollbackAgent {
         store.create(&key, me.into()).await.map_err(|e| err(&e))?;
         Ok(())
     }
+}
+
+/// The rollback cannot complete: say why, and end the release as failed.
+pub(crate) async fn give_up(ctx: &AgentContext, d: &Delivery, reason: String) -> Result<()> {
+    tracing::warn!(%reason, "rollback failed");
+    ctx.emit(
+        d,
+        EventKey::Once,
+        Payload::RollbackFailed(RollbackFailed {
+            reason: reason.clone(),
+        }),
+    )
+    .await?;
+    ctx.emit(
+        d,
+        EventKey::Once,
+        Payload::ReleaseFailed(ReleaseFailed {
+            reason: format!("rollback failed: {reason}"),
+        }),
+    )
+    .await?;
+    Ok(())
 }
