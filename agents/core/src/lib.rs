@@ -20,6 +20,7 @@ pub use fold::{fold, ReleaseState, Status};
 pub use ids::EventKey;
 pub use names::{AppName, EnvName, ReleaseId};
 pub mod agent;
+pub mod bluegreen;
 pub mod bus;
 pub mod busconfig;
 pub mod cluster;

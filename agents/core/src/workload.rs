@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::DeleteParams;
 use kube::{Api, Client};
+use serde_json::{json, Value};
 
 /// The label that tells a canary's pods from the stable ones.
 pub const TRACK_LABEL: &str = "baton.dev/track";
@@ -52,9 +53,64 @@ pub async fn remove_canary(
     Ok(())
 }
 
+/// A Service's ports as a Service Baton makes beside it takes them (the canary's, the preview):
+/// without node ports, which belong to the one Service that has them.
+pub fn service_ports(service: &Service) -> Value {
+    let ports = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|p| {
+                    let mut port = json!({"port": p.port});
+                    if let Some(name) = &p.name {
+                        port["name"] = json!(name);
+                    }
+                    if let Some(target) = &p.target_port {
+                        port["targetPort"] = serde_json::to_value(target).unwrap_or(Value::Null);
+                    }
+                    if let Some(protocol) = &p.protocol {
+                        port["protocol"] = json!(protocol);
+                    }
+                    if let Some(app_protocol) = &p.app_protocol {
+                        port["appProtocol"] = json!(app_protocol);
+                    }
+                    port
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    Value::Array(ports)
+}
+
 fn ignore_missing(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
     match r {
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_beside_another_takes_its_ports_without_node_ports() {
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "type": "NodePort",
+                "selector": {"app": "web"},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}],
+                "clusterIP": "10.0.0.1"
+            }
+        }))
+        .unwrap();
+        assert_eq!(
+            service_ports(&service),
+            json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
+        );
     }
 }

@@ -24,7 +24,6 @@
 //! scales a colour the Service selects, nor one a newer release has deployed to since.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -35,21 +34,18 @@ use kube::{Api, Client};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use baton_core::bluegreen::{
+    annotation, clear_marks, deployment_name, merge_params, preview_name, release_colour,
+    set_selector, Colour, Routing, ADOPTED_INTO, COLOUR_LABEL, SCALE_DOWN_AFTER, SCALE_DOWN_AT,
+};
 use baton_core::config::DEFAULT_SCALE_DOWN_DELAY_SECONDS;
 use baton_core::names::ReleaseId;
 use baton_core::rollout::{Problem, FIELD_MANAGER, RELEASE_ANNOTATION};
-use baton_core::workload::COLOUR_LABEL;
+use baton_core::workload;
 use baton_proto::v1::{FailureKind, PodRef, ReleaseSpec};
 
 use crate::error::{Error, Result};
 use crate::steps::{self, StepCtx, StepOutcome, StepPlan};
-
-/// On an old colour: when it may be scaled down (milliseconds since the epoch).
-pub const SCALE_DOWN_AT: &str = "baton.dev/scale-down-at";
-/// On an old colour: the release whose success scheduled the scale-down.
-pub const SCALE_DOWN_AFTER: &str = "baton.dev/scale-down-after";
-/// On a plain Deployment that blue-green took over: the colour Deployment it became.
-pub const ADOPTED_INTO: &str = "baton.dev/adopted-into";
 
 /// How often [`sweep`] looks for scale-downs that are due.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
@@ -57,122 +53,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 const TIMER_ATTEMPTS: u32 = 10;
 /// Writes of a scale-down that met a newer version of the Deployment.
 const CONFLICT_ATTEMPTS: u32 = 5;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Colour {
-    Blue,
-    Green,
-}
-
-impl Colour {
-    pub const ALL: [Colour; 2] = [Colour::Blue, Colour::Green];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Colour::Blue => "blue",
-            Colour::Green => "green",
-        }
-    }
-
-    pub fn other(self) -> Colour {
-        match self {
-            Colour::Blue => Colour::Green,
-            Colour::Green => Colour::Blue,
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Colour> {
-        match s {
-            "blue" => Some(Colour::Blue),
-            "green" => Some(Colour::Green),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Colour {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `<app>-blue` or `<app>-green`.
-pub fn deployment_name(app: &str, colour: Colour) -> String {
-    format!("{app}-{colour}")
-}
-
-/// The Service that selects the new colour during a release.
-pub fn preview_name(app: &str) -> String {
-    format!("{app}-preview")
-}
-
-/// The Service `<app>`'s selector, split into the app's own labels and the colour it selects.
-#[derive(Debug, Clone, PartialEq)]
-struct Routing {
-    base: BTreeMap<String, String>,
-    active: Option<Colour>,
-}
-
-impl Routing {
-    fn selecting(&self, colour: Colour) -> BTreeMap<String, String> {
-        let mut s = self.base.clone();
-        s.insert(COLOUR_LABEL.into(), colour.as_str().into());
-        s
-    }
-}
-
-fn routing(service: &Service) -> std::result::Result<Routing, String> {
-    let name = service.metadata.name.as_deref().unwrap_or("?");
-    let mut base = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_default();
-    let active = match base.remove(COLOUR_LABEL) {
-        None => None,
-        Some(v) => Some(Colour::parse(&v).ok_or_else(|| {
-            format!("Service {name} selects {COLOUR_LABEL}={v}, which is neither blue nor green")
-        })?),
-    };
-    if base.is_empty() {
-        return Err(format!(
-            "Service {name} has no selector labels of its own: blue-green builds the colours' \
-             selectors on them"
-        ));
-    }
-    Ok(Routing { base, active })
-}
-
-/// The Service's ports as the preview Service takes them (no node ports, no cluster IPs).
-fn preview_ports(service: &Service) -> Value {
-    let ports = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_ref())
-        .map(|ports| {
-            ports
-                .iter()
-                .map(|p| {
-                    let mut port = json!({"port": p.port});
-                    if let Some(name) = &p.name {
-                        port["name"] = json!(name);
-                    }
-                    if let Some(target) = &p.target_port {
-                        port["targetPort"] = serde_json::to_value(target).unwrap_or(Value::Null);
-                    }
-                    if let Some(protocol) = &p.protocol {
-                        port["protocol"] = json!(protocol);
-                    }
-                    if let Some(app_protocol) = &p.app_protocol {
-                        port["appProtocol"] = json!(app_protocol);
-                    }
-                    port
-                })
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    Value::Array(ports)
-}
 
 /// What a colour Deployment is made of.
 struct ColourSpec<'a> {
@@ -282,7 +162,7 @@ pub async fn describe_live(
         .get_opt(app)
         .await
         .map_err(read(&format!("Service {app}"), ns))?;
-    let Some(routing) = service.as_ref().and_then(|s| routing(s).ok()) else {
+    let Some(routing) = service.as_ref().and_then(|s| Routing::of_service(s).ok()) else {
         return Ok(describe(spec, step, last));
     };
     let hashmap = |s: BTreeMap<String, String>| s.into_iter().collect::<HashMap<_, _>>();
@@ -309,7 +189,10 @@ pub async fn describe_live(
             }
         });
     }
-    let new = match release_colour(client, ns, app, release_id).await? {
+    let new = match release_colour(client, ns, app, release_id)
+        .await
+        .map_err(read(&format!("the colours of {app}"), ns))?
+    {
         Some(c) => c,
         None => routing.active.map(Colour::other).unwrap_or(Colour::Green),
     };
@@ -361,18 +244,11 @@ fn write(what: &str, namespace: &str) -> impl FnOnce(kube::Error) -> Stop {
                 reason: format!("{what}: {}", status.message),
             })
         }
-        _ => Stop::Error(Error::Read {
+        _ => Stop::Error(Error::Write {
             what,
             namespace,
             source,
         }),
-    }
-}
-
-fn merge_params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
     }
 }
 
@@ -415,7 +291,7 @@ async fn service(ctx: &StepCtx<'_>) -> std::result::Result<(Service, Routing), S
             format!("blue-green needs a Service {app} in namespace {ns} to switch"),
         );
     };
-    match routing(&service) {
+    match Routing::of_service(&service) {
         Ok(r) => Ok((service, r)),
         Err(reason) => failed(FailureKind::Precheck, reason),
     }
@@ -430,7 +306,7 @@ async fn preview(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
         tracing::warn!(error = %e, "could not scale down an old colour now; later");
     }
     let (service, routing) = service(ctx).await?;
-    let ports = preview_ports(&service);
+    let ports = workload::service_ports(&service);
     if ports.as_array().is_none_or(|p| p.is_empty()) {
         return failed(
             FailureKind::Precheck,
@@ -471,7 +347,7 @@ async fn preview(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
         .unwrap_or(ctx.replicas.max(1));
     let (selector, template) = (&current.spec.selector, &current.spec.template);
     // A scale-down scheduled on this colour by an earlier release must not hit the new pods.
-    clear_marks(&deployments, &new_name).await.map_err(write(
+    clear_marks(ctx.client, ns, &new_name).await.map_err(write(
         &format!("Deployment {new_name} (unscheduling its scale-down)"),
         ns,
     ))?;
@@ -525,7 +401,10 @@ async fn switch(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
     let ns = ctx.spec.namespace.as_str();
     let app = ctx.spec.app.as_str();
     let (_, routing) = service(ctx).await?;
-    let Some(new) = release_colour(ctx.client, ns, app, ctx.release_id).await? else {
+    let Some(new) = release_colour(ctx.client, ns, app, ctx.release_id)
+        .await
+        .map_err(read(&format!("the colours of {app}"), ns))?
+    else {
         return failed(
             FailureKind::Cluster,
             format!("no colour of {app} runs release {}", ctx.release_id),
@@ -540,57 +419,6 @@ async fn switch(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
             .map_err(write(&format!("Service {app} (switching it to {new})"), ns))?;
     }
     Ok(pods)
-}
-
-/// The colour whose Deployment carries the release's template.
-async fn release_colour(
-    client: &Client,
-    ns: &str,
-    app: &str,
-    release_id: &str,
-) -> Result<Option<Colour>> {
-    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
-    for colour in Colour::ALL {
-        let name = deployment_name(app, colour);
-        let d = deployments
-            .get_opt(&name)
-            .await
-            .map_err(read(&format!("Deployment {name}"), ns))?;
-        if d.as_ref().and_then(|d| annotation(d, RELEASE_ANNOTATION)) == Some(release_id) {
-            return Ok(Some(colour));
-        }
-    }
-    Ok(None)
-}
-
-fn annotation<'a>(d: &'a Deployment, key: &str) -> Option<&'a str> {
-    d.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
-async fn set_selector(
-    client: &Client,
-    ns: &str,
-    app: &str,
-    selector: &BTreeMap<String, String>,
-) -> kube::Result<()> {
-    let patch = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": app},
-        "spec": {"selector": selector},
-    });
-    Api::<Service>::namespaced(client.clone(), ns)
-        .patch(
-            app,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    Ok(())
 }
 
 /// The plain Deployment becomes `<app>-blue` without a moment with no ready pod behind the
@@ -622,7 +450,7 @@ async fn adopt(ctx: &StepCtx<'_>, routing: &Routing) -> std::result::Result<(), 
         )
         .await
         .map_err(write(&format!("Deployment {app} (marking it adopted)"), ns))?;
-    clear_marks(&deployments, &blue).await.map_err(write(
+    clear_marks(ctx.client, ns, &blue).await.map_err(write(
         &format!("Deployment {blue} (unscheduling its scale-down)"),
         ns,
     ))?;
@@ -689,26 +517,6 @@ async fn finish_adoption(ctx: &StepCtx<'_>) -> std::result::Result<(), Stop> {
     Ok(())
 }
 
-/// Removes a scheduled scale-down from a colour (if it has one).
-async fn clear_marks(deployments: &Api<Deployment>, name: &str) -> kube::Result<()> {
-    let Some(d) = deployments.get_opt(name).await? else {
-        return Ok(());
-    };
-    if annotation(&d, SCALE_DOWN_AT).is_none() && annotation(&d, SCALE_DOWN_AFTER).is_none() {
-        return Ok(());
-    }
-    deployments
-        .patch(
-            name,
-            &merge_params(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {SCALE_DOWN_AT: null, SCALE_DOWN_AFTER: null}}}),
-            ),
-        )
-        .await?;
-    Ok(())
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -746,7 +554,7 @@ pub async fn after_success(
     else {
         return Ok(());
     };
-    let Some(active) = routing(&service).ok().and_then(|r| r.active) else {
+    let Some(active) = Routing::of_service(&service).ok().and_then(|r| r.active) else {
         return Ok(());
     };
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
@@ -903,7 +711,7 @@ pub async fn scale_down_due(client: &Client, ns: &str, app: &str) -> Result<Opti
                 .get_opt(app)
                 .await
                 .map_err(read(&format!("Service {app}"), ns))?
-                .and_then(|s| routing(&s).ok())
+                .and_then(|s| Routing::of_service(&s).ok())
                 .and_then(|r| r.active);
             let replicas = d.spec.replicas.unwrap_or(1);
             let mut patch = json!({"metadata": {
@@ -1014,47 +822,6 @@ async fn sweep_once(client: &Client) -> Result<Option<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn service(selector: &[(&str, &str)]) -> Service {
-        serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {
-                "selector": selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
-                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}],
-                "clusterIP": "10.0.0.1"
-            }
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn the_service_selector_tells_the_active_colour() {
-        let r = routing(&service(&[("app", "web")])).unwrap();
-        assert_eq!(r.active, None);
-        assert_eq!(
-            r.selecting(Colour::Blue),
-            [("app", "web"), (COLOUR_LABEL, "blue")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        );
-        let r = routing(&service(&[("app", "web"), (COLOUR_LABEL, "green")])).unwrap();
-        assert_eq!(r.active, Some(Colour::Green));
-        assert_eq!(r.base.len(), 1);
-        let bad = routing(&service(&[("app", "web"), (COLOUR_LABEL, "red")])).unwrap_err();
-        assert!(bad.contains("neither blue nor green"), "{bad}");
-        let bare = routing(&service(&[(COLOUR_LABEL, "blue")])).unwrap_err();
-        assert!(bare.contains("no selector labels of its own"), "{bare}");
-    }
-
-    #[test]
-    fn the_preview_takes_the_ports_without_node_ports() {
-        let ports = preview_ports(&service(&[("app", "web")]));
-        assert_eq!(
-            ports,
-            json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
-        );
-    }
 
     #[test]
     fn a_colour_is_the_template_with_the_colour_label_and_the_new_image() {

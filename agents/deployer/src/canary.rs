@@ -138,10 +138,11 @@ fn canary_deployment(stable: &Deployment, ctx: &StepCtx<'_>, replicas: i32) -> R
         .clone()
         .unwrap_or_default();
     labels.insert(TRACK_LABEL.into(), "canary".into());
-    let mut template = serde_json::to_value(&stable.spec.template).map_err(|e| Error::Lock {
-        key: "template".into(),
-        message: e.to_string(),
-    })?;
+    let mut template =
+        serde_json::to_value(&stable.spec.template).map_err(|source| Error::Encode {
+            what: "the stable pod template",
+            source,
+        })?;
     template["metadata"]["labels"] = {
         let mut l: BTreeMap<String, String> = stable
             .spec
@@ -220,17 +221,7 @@ async fn route(
         .clone()
         .unwrap_or_default();
     selector.insert(TRACK_LABEL.into(), "canary".into());
-    let ports = serde_json::to_value(
-        service
-            .spec
-            .as_ref()
-            .and_then(|s| s.ports.clone())
-            .unwrap_or_default(),
-    )
-    .map_err(|e| Error::Lock {
-        key: "ports".into(),
-        message: e.to_string(),
-    })?;
+    let ports = workload::service_ports(&service);
     let svc = json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -251,9 +242,9 @@ async fn route(
             .and_then(|s| s.rules.clone())
             .unwrap_or_default(),
     )
-    .map_err(|e| Error::Lock {
-        key: "rules".into(),
-        message: e.to_string(),
+    .map_err(|source| Error::Encode {
+        what: "the Ingress rules",
+        source,
     })?;
     point_at(&mut rules, app, &canary);
     let name = workload::canary_ingress_name(&ctx.spec.ingress);

@@ -16,6 +16,17 @@ pub enum Error {
         namespace: String,
         source: kube::Error,
     },
+    #[error("writing {what} in namespace {namespace}: {source}")]
+    Write {
+        what: String,
+        namespace: String,
+        source: kube::Error,
+    },
+    #[error("encoding {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     #[error("applying the new image to Deployment {namespace}/{name}: {source}")]
     PatchDeployment {
         namespace: String,
