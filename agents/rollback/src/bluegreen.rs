@@ -3,123 +3,58 @@
 //! (the old colour is still scaled during the scale-down delay; if the delay has passed, it is
 //! scaled up and waited for first), then the new colour is scaled down.
 //!
-//! The new colour is the one whose Deployment carries the release's id (`baton.dev/release-id`),
-//! and where traffic goes is the Service `<app>`'s selector: everything is read again from the
-//! cluster on a re-run, so a rollback agent restarted half-way finishes the same rollback, and
-//! a switch the deployer made while the rollback began is switched back too.
+//! The colour to roll back from is, for a release, the one whose Deployment carries the
+//! release's id (`baton.dev/release-id`); for a manual `baton rollback` of a blue-green app, the
+//! colour the Service `<app>` selects. Where traffic goes is the Service's selector: everything
+//! is read again from the cluster on a re-run, so a rollback agent restarted half-way finishes
+//! the same rollback, and a switch the deployer made while the rollback began is switched back
+//! too.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 use kube::{Api, Client};
 use serde_json::json;
 
+use baton_core::bluegreen::{
+    self, annotation, deployment_name, images, merge_params, Colour, Routing, SCALE_DOWN_AT,
+};
 use baton_core::event::{timestamp_ms, Event};
-use baton_core::fold::ReleaseState;
 use baton_core::ids::EventKey;
-use baton_core::rollout::{self, Rollout, WaitError, FIELD_MANAGER, RELEASE_ANNOTATION, REVISION};
+use baton_core::rollout::{self, Rollout, RELEASE_ANNOTATION, REVISION};
 use baton_core::runtime::{AgentContext, Delivery};
-use baton_core::workload::COLOUR_LABEL;
 use baton_proto::v1::{
     envelope::Payload, ReleaseFailed, ReleaseRolledBack, RollbackCompleted, RollbackStarted,
 };
 
 use crate::error::{Error, Result};
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-/// The deployer's schedule of an old colour's scale-down (see the deployer's `bluegreen`).
-const SCALE_DOWN_AT: &str = "baton.dev/scale-down-at";
-const SCALE_DOWN_AFTER: &str = "baton.dev/scale-down-after";
+/// On the colour a manual rollback moves the traffic away from: the rollback's id.
+const ROLLED_BACK_BY: &str = "baton.dev/rolled-back-by";
 /// Rounds of "switch back, scale down, look again", in case the deployer switched meanwhile.
 const ROUNDS: usize = 3;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Colour {
-    Blue,
-    Green,
+/// Which colour the rollback moves the traffic away from.
+pub enum Away {
+    /// The colour a release deployed (its id, as annotated on the colour).
+    Release(String),
+    /// The colour the Service selects now (a manual rollback of the app).
+    Active,
 }
 
-impl Colour {
-    const ALL: [Colour; 2] = [Colour::Blue, Colour::Green];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Colour::Blue => "blue",
-            Colour::Green => "green",
-        }
-    }
-
-    fn other(self) -> Colour {
-        match self {
-            Colour::Blue => Colour::Green,
-            Colour::Green => Colour::Blue,
-        }
-    }
-
-    fn parse(s: &str) -> Option<Colour> {
-        match s {
-            "blue" => Some(Colour::Blue),
-            "green" => Some(Colour::Green),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Colour {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-fn colour_name(app: &str, colour: Colour) -> String {
-    format!("{app}-{colour}")
-}
-
-/// The Service's selector without the colour, and the colour it selects.
-fn routing(
-    selector: &BTreeMap<String, String>,
-) -> std::result::Result<(BTreeMap<String, String>, Option<Colour>), String> {
-    let mut base = selector.clone();
-    let active = match base.remove(COLOUR_LABEL) {
-        None => None,
-        Some(v) => Some(Colour::parse(&v).ok_or_else(|| {
-            format!("the Service selects {COLOUR_LABEL}={v}, which is neither blue nor green")
-        })?),
-    };
-    Ok((base, active))
-}
-
-fn selecting(base: &BTreeMap<String, String>, colour: Colour) -> BTreeMap<String, String> {
-    let mut s = base.clone();
-    s.insert(COLOUR_LABEL.into(), colour.as_str().into());
-    s
-}
-
-fn annotation<'a>(d: &'a Deployment, key: &str) -> Option<&'a str> {
-    d.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
-fn images(d: &Deployment) -> String {
-    d.spec
-        .template
-        .spec
-        .as_ref()
-        .map(|s| {
-            s.containers
-                .iter()
-                .filter_map(|c| c.image.clone())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
+/// Whether the app is released blue-green now: its Service selects a colour.
+pub async fn is_blue_green(client: &Client, ns: &str, app: &str) -> Result<bool> {
+    Ok(bluegreen::routing(client, ns, app)
+        .await
+        .map_err(|source| Error::Cluster {
+            doing: format!("reading Service {app}"),
+            namespace: ns.to_owned(),
+            source,
+        })?
+        .and_then(|r| r.ok())
+        .is_some_and(|r| r.active.is_some()))
 }
 
 /// Why the rollback stops: it cannot complete (the release fails with the reason), or an error
@@ -142,125 +77,92 @@ impl From<baton_core::error::Error> for Stop {
 }
 
 /// Where the rollback works.
-struct Scope<'a> {
-    client: &'a Client,
-    ctx: &'a AgentContext,
-    ns: &'a str,
-    app: &'a str,
+pub struct Scope<'a> {
+    pub client: &'a Client,
+    pub ctx: &'a AgentContext,
+    pub ns: &'a str,
+    pub app: &'a str,
+    /// How long the old colour may take to be available again.
+    pub timeout: Duration,
 }
 
 impl Scope<'_> {
-    fn deployments(&self) -> Api<Deployment> {
-        Api::namespaced(self.client.clone(), self.ns)
-    }
-
-    fn read(&self, name: &str, what: &'static str) -> impl FnOnce(kube::Error) -> Error {
-        let (namespace, name) = (self.ns.to_owned(), name.to_owned());
-        move |source| Error::Read {
-            namespace: namespace.clone(),
-            name,
-            source: WaitError::Read {
-                what,
-                namespace,
-                source,
-            },
+    fn read(&self, what: &str) -> impl FnOnce(kube::Error) -> Error {
+        let (doing, namespace) = (format!("reading {what}"), self.ns.to_owned());
+        move |source| Error::Cluster {
+            doing,
+            namespace,
+            source,
         }
     }
 
     /// A write refused for good (forbidden, invalid, gone) ends the rollback with the API's
     /// reason; anything else is retried.
-    fn write(&self, name: &str, doing: &str) -> impl FnOnce(kube::Error) -> Stop {
-        let (namespace, name, doing) = (self.ns.to_owned(), name.to_owned(), doing.to_owned());
+    fn write(&self, doing: &str) -> impl FnOnce(kube::Error) -> Stop {
+        let (namespace, doing) = (self.ns.to_owned(), doing.to_owned());
         move |source| match &source {
             kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422) => {
                 Stop::GiveUp(format!("{doing}: {}", s.message))
             }
-            _ => Stop::Error(Error::Restore {
+            _ => Stop::Error(Error::Cluster {
+                doing,
                 namespace,
-                name,
                 source,
             }),
         }
     }
 
     async fn deployment(&self, name: &str) -> Result<Option<Deployment>> {
-        self.deployments()
+        Api::<Deployment>::namespaced(self.client.clone(), self.ns)
             .get_opt(name)
             .await
-            .map_err(self.read(name, "the Deployment"))
+            .map_err(self.read(&format!("Deployment {name}")))
     }
 
-    /// The Service `<app>`'s selector, if the Service exists.
-    async fn selector_opt(&self) -> Result<Option<BTreeMap<String, String>>> {
-        Ok(Api::<Service>::namespaced(self.client.clone(), self.ns)
-            .get_opt(self.app)
+    /// How the Service `<app>` routes, if the Service exists.
+    async fn routing_opt(&self) -> std::result::Result<Option<Routing>, Stop> {
+        match bluegreen::routing(self.client, self.ns, self.app)
             .await
-            .map_err(self.read(self.app, "the Service"))?
-            .map(|s| s.spec.and_then(|s| s.selector).unwrap_or_default()))
+            .map_err(self.read(&format!("Service {}", self.app)))?
+        {
+            None => Ok(None),
+            Some(Ok(r)) => Ok(Some(r)),
+            Some(Err(why)) => Err(Stop::GiveUp(why)),
+        }
     }
 
-    /// The Service `<app>`'s selector.
-    async fn selector(&self) -> std::result::Result<BTreeMap<String, String>, Stop> {
-        self.selector_opt()
+    /// How the Service `<app>` routes.
+    async fn routing(&self) -> std::result::Result<Routing, Stop> {
+        self.routing_opt()
             .await?
             .ok_or_else(|| Stop::GiveUp(format!("Service {}/{} is gone", self.ns, self.app)))
     }
 
     async fn active(&self) -> std::result::Result<Option<Colour>, Stop> {
-        routing(&self.selector().await?)
-            .map(|(_, active)| active)
-            .map_err(Stop::GiveUp)
+        Ok(self.routing().await?.active)
     }
 
-    /// Scales a Deployment (merge patch: a partial server-side apply would drop the template the
-    /// deployer applied), dropping any scheduled scale-down.
+    /// Scales a colour, dropping any scheduled scale-down.
     async fn scale(&self, name: &str, replicas: i32) -> std::result::Result<(), Stop> {
-        let patch = json!({
-            "metadata": {"annotations": {SCALE_DOWN_AT: null, SCALE_DOWN_AFTER: null}},
-            "spec": {"replicas": replicas},
-        });
-        self.deployments()
-            .patch(name, &merge_params(), &Patch::Merge(&patch))
+        bluegreen::scale(self.client, self.ns, name, replicas)
             .await
-            .map_err(self.write(name, &format!("scaling Deployment {name} to {replicas}")))?;
-        Ok(())
+            .map_err(self.write(&format!("scaling Deployment {name} to {replicas}")))
     }
 }
 
-fn merge_params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    }
-}
-
+/// Rolls back: moves the traffic away from the colour `from` names, and ends the release as
+/// rolled back (or failed, with the reason, when that cannot be done).
 pub async fn roll_back(
-    client: &kube::Client,
-    ctx: &AgentContext,
+    scope: &Scope<'_>,
     d: &Delivery,
     events: &[Event],
-    state: &ReleaseState,
+    from: Away,
     reason: String,
 ) -> Result<()> {
-    let Some(spec) = &state.spec else {
-        return Err(Error::Invalid(
-            "a blue-green rollback needs the release's spec (release.requested)".into(),
-        ));
-    };
-    let scope = Scope {
-        client,
-        ctx,
-        ns: &spec.namespace,
-        app: &spec.app,
-    };
-    let timeout = match spec.step_timeout_seconds {
-        0 => DEFAULT_TIMEOUT,
-        s => Duration::from_secs(u64::from(s)),
-    };
-    match run(&scope, d, events, timeout, &reason).await {
+    match run(scope, d, events, &from, &reason).await {
         Ok(()) => Ok(()),
         Err(Stop::Error(e)) => Err(e),
-        Err(Stop::GiveUp(why)) => give_up(ctx, d, why).await,
+        Err(Stop::GiveUp(why)) => give_up(scope.ctx, d, why).await,
     }
 }
 
@@ -268,23 +170,32 @@ async fn run(
     scope: &Scope<'_>,
     d: &Delivery,
     events: &[Event],
-    timeout: Duration,
+    from: &Away,
     reason: &str,
 ) -> std::result::Result<(), Stop> {
     let (ctx, ns, app) = (scope.ctx, scope.ns, scope.app);
     let rid = d.subject.release_id.to_string();
-    let mut colours: HashMap<&'static str, Deployment> = HashMap::new();
-    let mut new = None;
-    for colour in Colour::ALL {
-        if let Some(dep) = scope.deployment(&colour_name(app, colour)).await? {
-            if annotation(&dep, RELEASE_ANNOTATION) == Some(rid.as_str()) {
-                new = Some(colour);
-            }
-            colours.insert(colour.as_str(), dep);
-        }
-    }
-    let Some(selector) = scope.selector_opt().await? else {
-        if new.is_none() {
+    let colours: HashMap<&'static str, Deployment> = bluegreen::colours(scope.client, ns, app)
+        .await
+        .map_err(scope.read(&format!("the colours of {app}")))?
+        .into_iter()
+        .map(|(c, d)| (c.as_str(), d))
+        .collect();
+    let marked = |key: &str, value: &str| {
+        Colour::ALL.into_iter().find(|c| {
+            colours
+                .get(c.as_str())
+                .is_some_and(|d| annotation(d, key) == Some(value))
+        })
+    };
+    let routing = scope.routing_opt().await?;
+    let new = match from {
+        Away::Release(release) => marked(RELEASE_ANNOTATION, release),
+        // A rollback restarted after its switch finds the colour it marked, not the active one.
+        Away::Active => marked(ROLLED_BACK_BY, &rid).or(routing.as_ref().and_then(|r| r.active)),
+    };
+    let Some(routing) = routing else {
+        if new.is_none() && matches!(from, Away::Release(_)) {
             // Step 0 stopped at its first look: without the Service, nothing was changed.
             ctx.emit(
                 d,
@@ -298,12 +209,16 @@ async fn run(
         }
         return Err(Stop::GiveUp(format!("Service {ns}/{app} is gone")));
     };
-    let (base, _) = routing(&selector).map_err(Stop::GiveUp)?;
     let Some(new) = new else {
+        if matches!(from, Away::Active) {
+            return Err(Stop::GiveUp(format!(
+                "Service {ns}/{app} selects no colour to roll back from"
+            )));
+        }
         return nothing_deployed(scope, d, reason).await;
     };
     let old = new.other();
-    let (old_name, new_name) = (colour_name(app, old), colour_name(app, new));
+    let (old_name, new_name) = (deployment_name(app, old), deployment_name(app, new));
     let old_dep = colours.get(old.as_str());
     let to_revision = old_dep
         .and_then(|d| annotation(d, REVISION))
@@ -327,6 +242,14 @@ async fn run(
             }),
         )
         .await?;
+    if matches!(from, Away::Active) && marked(ROLLED_BACK_BY, &rid) != Some(new) {
+        // Recorded before anything moves, so a re-run rolls back from the same colour.
+        let patch = json!({"metadata": {"annotations": {ROLLED_BACK_BY: rid}}});
+        Api::<Deployment>::namespaced(scope.client.clone(), ns)
+            .patch(&new_name, &merge_params(), &Patch::Merge(&patch))
+            .await
+            .map_err(scope.write(&format!("marking Deployment {new_name} as rolled back")))?;
+    }
     // The wait for the old colour counts from the first start, so a restart keeps the deadline.
     let since = events
         .iter()
@@ -340,8 +263,10 @@ async fn run(
     for _ in 0..ROUNDS {
         if scope.active().await? == Some(new) {
             // Traffic is on the new colour: back to the old one, once it can take it.
-            available(scope, &old_name, replicas, since, timeout).await?;
-            set_selector(scope, &selecting(&base, old)).await?;
+            available(scope, &old_name, replicas, since).await?;
+            bluegreen::set_selector(scope.client, ns, app, &routing.selecting(old))
+                .await
+                .map_err(scope.write(&format!("switching Service {app} back to {old}")))?;
             tracing::info!(colour = %old, "the Service selects the old colour again");
         }
         scope.scale(&new_name, 0).await?;
@@ -357,18 +282,11 @@ async fn run(
     // The old colour serves (again): it must not be scaled down by a schedule of an earlier
     // release.
     if old_dep.is_some_and(|d| annotation(d, SCALE_DOWN_AT).is_some()) {
-        let patch =
-            json!({"metadata": {"annotations": {SCALE_DOWN_AT: null, SCALE_DOWN_AFTER: null}}});
-        scope
-            .deployments()
-            .patch(&old_name, &merge_params(), &Patch::Merge(&patch))
+        bluegreen::clear_marks(scope.client, ns, &old_name)
             .await
-            .map_err(scope.write(
-                &old_name,
-                &format!("unscheduling the scale-down of {old_name}"),
-            ))?;
+            .map_err(scope.write(&format!("unscheduling the scale-down of {old_name}")))?;
     }
-    let selector = scope.selector().await?;
+    let selector = scope.routing().await?.selector();
     complete(scope, d, reason, to_revision, to_image, selector).await
 }
 
@@ -379,7 +297,6 @@ async fn available(
     name: &str,
     replicas: i32,
     since: SystemTime,
-    timeout: Duration,
 ) -> std::result::Result<(), Stop> {
     let Some(dep) = scope.deployment(name).await? else {
         return Err(Stop::GiveUp(format!(
@@ -400,7 +317,7 @@ async fn available(
         scope.ns,
         name,
         since,
-        timeout,
+        scope.timeout,
         &scope.ctx.shutdown,
         |msg| {
             tracing::info!(
@@ -425,27 +342,6 @@ async fn available(
             "the old colour {name} is not available: {msg}"
         ))),
     }
-}
-
-async fn set_selector(
-    scope: &Scope<'_>,
-    selector: &BTreeMap<String, String>,
-) -> std::result::Result<(), Stop> {
-    let patch = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": scope.app},
-        "spec": {"selector": selector},
-    });
-    Api::<Service>::namespaced(scope.client.clone(), scope.ns)
-        .patch(
-            scope.app,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(scope.write(scope.app, &format!("switching Service {} back", scope.app)))?;
-    Ok(())
 }
 
 /// The new image reached no colour (the release failed in step 0 before applying it, or while
@@ -476,7 +372,7 @@ async fn nothing_deployed(
             .unwrap_or(0);
         if serving > 0 {
             for colour in Colour::ALL {
-                let name = colour_name(scope.app, colour);
+                let name = deployment_name(scope.app, colour);
                 if scope
                     .deployment(&name)
                     .await?
@@ -488,7 +384,7 @@ async fn nothing_deployed(
             }
         }
     }
-    let selector = scope.selector().await?;
+    let selector = scope.routing().await?.selector();
     complete(scope, d, reason, String::new(), String::new(), selector).await
 }
 
@@ -527,28 +423,3 @@ async fn complete(
 }
 
 use crate::handler::give_up;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn the_selector_splits_into_the_app_and_its_colour() {
-        let (base, active) = routing(&labels(&[("app", "web"), (COLOUR_LABEL, "green")])).unwrap();
-        assert_eq!(base, labels(&[("app", "web")]));
-        assert_eq!(active, Some(Colour::Green));
-        assert_eq!(
-            selecting(&base, active.unwrap().other()),
-            labels(&[("app", "web"), (COLOUR_LABEL, "blue")])
-        );
-        assert_eq!(routing(&labels(&[("app", "web")])).unwrap().1, None);
-        assert!(routing(&labels(&[(COLOUR_LABEL, "red")])).is_err());
-    }
-}

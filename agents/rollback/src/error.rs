@@ -20,6 +20,12 @@ pub enum Error {
         name: String,
         source: kube::Error,
     },
+    #[error("{doing} in namespace {namespace}: {source}")]
+    Cluster {
+        doing: String,
+        namespace: String,
+        source: kube::Error,
+    },
     #[error("lock {key}: {message}")]
     Lock { key: String, message: String },
     #[error("the app's lock is held by release {holder}, still in flight; trying again later")]

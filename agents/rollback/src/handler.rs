@@ -21,6 +21,7 @@ use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
 use baton_core::workload;
 use baton_proto::v1::{envelope::Payload, *};
 
+use crate::bluegreen;
 use crate::decide::{decide, Action};
 use crate::error::{Error, Result};
 
@@ -125,6 +126,26 @@ impl RollbackAgent {
         if target.manual {
             self.lock(ctx, d).await?;
         }
+        let blue_green = match &state.spec {
+            Some(spec) => Strategy::try_from(spec.strategy) == Ok(Strategy::BlueGreen),
+            // A manual rollback of an app whose Service selects a colour switches colours.
+            None => bluegreen::is_blue_green(&self.client, &target.namespace, &target.app).await?,
+        };
+        if blue_green {
+            let scope = bluegreen::Scope {
+                client: &self.client,
+                ctx,
+                ns: &target.namespace,
+                app: &target.app,
+                timeout: target.timeout,
+            };
+            let from = if target.manual {
+                bluegreen::Away::Active
+            } else {
+                bluegreen::Away::Release(d.subject.release_id.to_string())
+            };
+            return bluegreen::roll_back(&scope, d, events, from, reason).await;
+        }
         let read = |source| Error::Read {
             namespace: target.namespace.clone(),
             name: target.app.clone(),
@@ -153,17 +174,6 @@ impl RollbackAgent {
                         .await? =>
                 {
                     return Ok(());
-                }
-                Strategy::BlueGreen => {
-                    return crate::bluegreen::roll_back(
-                        &self.client,
-                        ctx,
-                        d,
-                        events,
-                        state,
-                        reason,
-                    )
-                    .await;
                 }
                 _ => {}
             }
