@@ -9,7 +9,11 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use baton_proto::v1::ReleaseSpec;
+use baton_core::bluegreen::{self, Colour};
+use baton_core::control;
+use baton_proto::v1::{ReleaseSpec, Strategy};
+
+use crate::canary;
 
 use crate::error::{Error, Result};
 
@@ -17,8 +21,12 @@ use baton_core::rollout::{FIELD_MANAGER, RELEASE_ANNOTATION};
 
 /// What the pre-checks found.
 pub struct Checked {
+    /// The Deployment serving the app: `<app>`, or its active colour.
+    pub name: String,
     pub deployment: Deployment,
     pub container: String,
+    /// The colour the Service `<app>` selects, for an app released blue-green.
+    pub colour: Option<Colour>,
 }
 
 fn read(what: &str, namespace: &str) -> impl FnOnce(kube::Error) -> Error {
@@ -41,6 +49,44 @@ pub async fn prechecks(
         Ok(Err(e)) => return Ok(Err(format!("cluster unreachable: {e}"))),
         Err(_) => return Ok(Err("cluster unreachable: no answer within 10s".into())),
     }
+    let checked = match workload(client, spec).await? {
+        Ok(checked) => checked,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let replicas = checked.deployment.spec.replicas.unwrap_or(1);
+    let idle = match (&checked.colour, control::strategy(spec)) {
+        (Some(active), Strategy::BlueGreen) => Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt(&bluegreen::deployment_name(&spec.app, active.other()))
+            .await
+            .map_err(read("the idle colour", ns))?
+            .and_then(|d| d.spec.replicas)
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let (extra, what) = extra_pods(spec, replicas, idle);
+    let per_pod = pod_requests(&checked.deployment);
+    let quotas = Api::<ResourceQuota>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(read("resource quotas", ns))?;
+    for quota in &quotas.items {
+        if let Some(reason) = quota_shortfall(quota, extra, &what, &per_pod) {
+            return Ok(Err(reason));
+        }
+    }
+    Ok(Ok(checked))
+}
+
+/// The Deployment that runs the app now, and the container a release sets the image of:
+/// `<app>`, or for blue-green the colour the Service `<app>` selects. A release by another
+/// strategy of an app the Service routes by colour is refused: it would change a Deployment
+/// that serves nobody.
+pub async fn workload(
+    client: &Client,
+    spec: &ReleaseSpec,
+) -> Result<std::result::Result<Checked, String>> {
+    let ns = spec.namespace.as_str();
+    let app = spec.app.as_str();
     if Api::<Namespace>::all(client.clone())
         .get_opt(ns)
         .await
@@ -49,16 +95,36 @@ pub async fn prechecks(
     {
         return Ok(Err(format!("namespace {ns} does not exist")));
     }
-    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
-    let Some(deployment) = deployments
-        .get_opt(&spec.app)
+    let active = bluegreen::routing(client, ns, app)
+        .await
+        .map_err(read(&format!("Service {app}"), ns))?
+        .and_then(|r| r.ok())
+        .and_then(|r| r.active);
+    let strategy = control::strategy(spec);
+    let name = match active {
+        Some(colour) if strategy == Strategy::BlueGreen => bluegreen::deployment_name(app, colour),
+        Some(colour) => {
+            return Ok(Err(format!(
+                "app {app} is released blue-green (Service {app} selects Deployment {}): \
+                 release it with the blue-green strategy, or point the Service back at \
+                 Deployment {app} first",
+                bluegreen::deployment_name(app, colour)
+            )))
+        }
+        None => app.to_owned(),
+    };
+    let Some(deployment) = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get_opt(&name)
         .await
         .map_err(read("the Deployment", ns))?
     else {
-        return Ok(Err(format!(
-            "Deployment {} does not exist in namespace {ns}",
-            spec.app
-        )));
+        return Ok(Err(match active {
+            Some(colour) => format!(
+                "Service {app} selects {colour}, but Deployment {name} does not exist in \
+                 namespace {ns}"
+            ),
+            None => format!("Deployment {name} does not exist in namespace {ns}"),
+        }));
     };
     let containers: Vec<String> = deployment
         .spec
@@ -72,30 +138,19 @@ pub async fn prechecks(
     } else if containers.len() == 1 {
         containers[0].clone()
     } else {
-        spec.app.clone()
+        app.to_owned()
     };
     if !containers.contains(&container) {
         return Ok(Err(format!(
-            "Deployment {ns}/{} has no container {container} (it has {})",
-            spec.app,
+            "Deployment {ns}/{name} has no container {container} (it has {})",
             containers.join(", ")
         )));
     }
-    let replicas = deployment.spec.replicas.unwrap_or(1);
-    let surge = surge_pods(spec, replicas);
-    let per_pod = pod_requests(&deployment);
-    let quotas = Api::<ResourceQuota>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await
-        .map_err(read("resource quotas", ns))?;
-    for quota in &quotas.items {
-        if let Some(reason) = quota_shortfall(quota, surge, &per_pod) {
-            return Ok(Err(reason));
-        }
-    }
     Ok(Ok(Checked {
+        name,
         deployment,
         container,
+        colour: active,
     }))
 }
 
@@ -110,6 +165,38 @@ pub fn surge_pods(spec: &ReleaseSpec, replicas: i32) -> i64 {
     match max_surge.strip_suffix('%').map(str::parse::<i64>) {
         Some(Ok(pct)) => (i64::from(replicas) * pct + 99) / 100,
         _ => max_surge.parse::<i64>().unwrap_or(1),
+    }
+}
+
+/// The most pods a release runs at once beside the `replicas` serving now, and what they are.
+/// A rolling update surges; a canary runs its largest step beside the stable pods, then the
+/// promotion surges while it is still there; blue-green runs a whole second colour (`idle`:
+/// the pods the idle colour still has, which the quota counts already; rolling it to the new
+/// image surges by a quarter, the Deployment default).
+pub fn extra_pods(spec: &ReleaseSpec, replicas: i32, idle: i32) -> (i64, String) {
+    let surge = surge_pods(spec, replicas);
+    match control::strategy(spec) {
+        Strategy::Canary => {
+            let canary = control::plan(spec)
+                .iter()
+                .filter(|s| s.weight < 100)
+                .map(|s| i64::from(canary::replicas(replicas, s.weight)))
+                .max()
+                .unwrap_or(0);
+            (
+                canary + surge,
+                format!("a canary of up to {canary} pod(s) and the promotion's surge of {surge}"),
+            )
+        }
+        Strategy::BlueGreen => {
+            let (replicas, idle) = (i64::from(replicas.max(1)), i64::from(idle.max(0)));
+            let roll = if idle > 0 { (replicas + 3) / 4 } else { 0 };
+            (
+                (replicas - idle).max(0) + roll,
+                format!("a second colour of {replicas} pod(s)"),
+            )
+        }
+        _ => (surge, format!("the surge of {surge} pod(s)")),
     }
 }
 
@@ -139,7 +226,8 @@ fn pod_requests(d: &Deployment) -> BTreeMap<&'static str, i64> {
 /// Whether a quota can't hold `surge` more pods; the reason names the quota and resource.
 fn quota_shortfall(
     quota: &ResourceQuota,
-    surge: i64,
+    extra: i64,
+    what: &str,
     per_pod: &BTreeMap<&'static str, i64>,
 ) -> Option<String> {
     let name = quota.metadata.name.clone().unwrap_or_default();
@@ -170,10 +258,10 @@ fn quota_shortfall(
             continue;
         };
         let in_use = used.get(resource).and_then(|q| parse(&q.0)).unwrap_or(0);
-        let need = each * surge;
+        let need = each * extra;
         if in_use + need > limit {
             return Some(format!(
-                "resource quota {name} cannot hold the surge of {surge} pod(s): {resource} would be {} of {}",
+                "resource quota {name} cannot hold {what}: {resource} would be {} of {}",
                 in_use + need,
                 limit
             ));
@@ -312,6 +400,35 @@ mod tests {
     }
 
     #[test]
+    fn each_strategy_budgets_the_pods_it_adds_at_its_peak() {
+        use baton_proto::v1::{CanaryParams, CanaryStep};
+        let spec = |strategy: Strategy| ReleaseSpec {
+            strategy: strategy as i32,
+            ..Default::default()
+        };
+        // Rolling: the surge (25% of 4, rounded up).
+        assert_eq!(extra_pods(&spec(Strategy::Rolling), 4, 0).0, 1);
+        // Canary, default steps: 75% of 4 beside the stable pods, then the promotion's surge.
+        let (n, what) = extra_pods(&spec(Strategy::Canary), 4, 0);
+        assert_eq!(n, 3 + 1, "{what}");
+        let mut small = spec(Strategy::Canary);
+        small.canary = Some(CanaryParams {
+            steps: vec![CanaryStep {
+                weight: 10,
+                ..Default::default()
+            }],
+        });
+        assert_eq!(extra_pods(&small, 4, 0).0, 1 + 1);
+        // Blue-green: a whole second colour; an idle colour still scaled is counted already,
+        // but rolling it to the new image surges.
+        let (n, what) = extra_pods(&spec(Strategy::BlueGreen), 4, 0);
+        assert_eq!(n, 4);
+        assert!(what.contains("second colour of 4"), "{what}");
+        assert_eq!(extra_pods(&spec(Strategy::BlueGreen), 4, 4).0, 1);
+        assert_eq!(extra_pods(&spec(Strategy::BlueGreen), 4, 2).0, 2 + 1);
+    }
+
+    #[test]
     fn a_quota_without_room_for_the_surge_is_refused() {
         let quota: ResourceQuota = serde_json::from_value(json!({
             "metadata": {"name": "small"},
@@ -319,7 +436,7 @@ mod tests {
             "status": {"hard": {"pods": "3", "requests.cpu": "1"}, "used": {"pods": "3", "requests.cpu": "600m"}}
         }))
         .unwrap();
-        let reason = quota_shortfall(&quota, 1, &BTreeMap::new()).unwrap();
+        let reason = quota_shortfall(&quota, 1, "the surge", &BTreeMap::new()).unwrap();
         assert!(
             reason.contains("small") && reason.contains("pods would be 4 of 3"),
             "{reason}"
@@ -333,8 +450,11 @@ mod tests {
             ]
             .into(),
         );
-        assert_eq!(quota_shortfall(&room, 1, &BTreeMap::new()), None);
-        let cpu = quota_shortfall(&room, 1, &[("cpu", 500)].into()).unwrap();
+        assert_eq!(
+            quota_shortfall(&room, 1, "the surge", &BTreeMap::new()),
+            None
+        );
+        let cpu = quota_shortfall(&room, 1, "the surge", &[("cpu", 500)].into()).unwrap();
         assert!(cpu.contains("requests.cpu would be 1100 of 1000"), "{cpu}");
     }
 }

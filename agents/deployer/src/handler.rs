@@ -396,7 +396,7 @@ impl Deployer {
                 strategy: decide::strategy(&spec) as i32,
                 previous_revision: revision,
                 previous_image: image,
-                workload: spec.app.clone(),
+                workload: checked.name.clone(),
                 replicas: checked.deployment.spec.replicas.unwrap_or(1).max(0) as u32,
             }),
         )
@@ -469,7 +469,7 @@ impl Deployer {
             .as_ref()
             .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_ms(t).max(0) as u64))
             .unwrap_or_else(SystemTime::now);
-        let container = cluster::prechecks(&self.client, &spec)
+        let container = cluster::workload(&self.client, &spec)
             .await?
             .map(|c| c.container)
             .unwrap_or_else(|_| spec.container.clone());
@@ -555,11 +555,13 @@ impl Deployer {
         let spec = state.spec.clone().ok_or(Error::NoSpec {
             release_id: subject.release_id.to_string(),
         })?;
-        let revision = rollout::snapshot(&self.client, &spec.namespace, &spec.app)
+        // The Deployment serving the release now: `<app>`, or the colour switched to.
+        let revision = cluster::workload(&self.client, &spec)
             .await?
-            .deployment
-            .and_then(|d| {
-                d.metadata
+            .ok()
+            .and_then(|c| {
+                c.deployment
+                    .metadata
                     .annotations
                     .and_then(|a| a.get(rollout::REVISION).cloned())
             })
