@@ -35,6 +35,8 @@ pub fn trials() -> Vec<Trial> {
         a_deployer_killed_while_adopting_finishes_the_release_without_repeating_a_step_or_losing_ready_pods,
         the_old_colour_is_scaled_down_after_the_delay_even_when_the_deployer_restarted_during_it,
         a_release_of_an_app_without_a_service_fails_before_changing_anything,
+        a_manual_rollback_switches_the_service_back_to_the_other_colour_scaling_it_up_first,
+        a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_changes_anything,
     ]
 }
 
@@ -185,6 +187,16 @@ fn selector_history(events: &[Event]) -> Vec<BTreeMap<String, String>> {
         })
         .map(|m| m.into_iter().collect())
         .collect()
+}
+
+fn deploy_started(events: &[Event]) -> Result<baton_proto::v1::DeployStarted> {
+    events
+        .iter()
+        .find_map(|e| match e.payload() {
+            Some(Payload::DeployStarted(d)) => Some(d.clone()),
+            _ => None,
+        })
+        .context("no deploy.started")
 }
 
 /// The colour of each selector ("-" for none).
@@ -521,6 +533,11 @@ async fn adoption(baton: &Baton, client: &Client) -> Result<()> {
         blue.spec.selector
     );
     let events = baton.events(first).await?;
+    let started = deploy_started(&events)?;
+    ensure!(
+        started.workload == "web" && started.previous_image == v1,
+        "the first release's deploy.started: {started:?}"
+    );
     ensure!(
         colours(&selector_history(&events)) == ["blue", "green"],
         "the first release's events tell the selectors {:?}",
@@ -528,6 +545,7 @@ async fn adoption(baton: &Baton, client: &Client) -> Result<()> {
     );
 
     // The next release goes to the idle colour, blue, and green is scaled down after it.
+    let green_before = deployment(client, &ns, "web-green").await?;
     let (image_v3, digest) = baton.push("v3", &[]).await?;
     let (code, second, out) = baton.release(&image_v3, true).await?;
     ensure!(code == 0, "the second release exited {code}:\n{out}");
@@ -539,6 +557,39 @@ async fn adoption(baton: &Baton, client: &Client) -> Result<()> {
     let expected = format!("{}/{}@{digest}", baton.cluster.registry, baton.repo);
     ensure!(image(&blue) == expected, "web-blue runs {}", image(&blue));
     let events = baton.events(second).await?;
+    // What ran before is the active colour's, and what runs after is the new colour's.
+    let started = deploy_started(&events)?;
+    ensure!(
+        started.workload == "web-green" && started.previous_image == image(&green_before),
+        "the second release's deploy.started: {started:?}, web-green ran {}",
+        image(&green_before)
+    );
+    let revision = |d: &Deployment| {
+        d.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("deployment.kubernetes.io/revision").cloned())
+            .unwrap_or_default()
+    };
+    ensure!(
+        started.previous_revision == revision(&green_before),
+        "deploy.started tells revision {:?}, web-green was at {:?}",
+        started.previous_revision,
+        revision(&green_before)
+    );
+    let completed = events
+        .iter()
+        .find_map(|e| match e.payload() {
+            Some(Payload::DeployCompleted(c)) => Some(c.clone()),
+            _ => None,
+        })
+        .context("no deploy.completed")?;
+    ensure!(
+        !completed.revision.is_empty() && completed.revision == revision(&blue),
+        "deploy.completed tells revision {:?}, web-blue is at {:?}",
+        completed.revision,
+        revision(&blue)
+    );
     ensure!(
         colours(&selector_history(&events)) == ["blue"],
         "the second release's events tell the selectors {:?}",
@@ -887,6 +938,195 @@ async fn a_release_of_an_app_without_a_service_fails_before_changing_anything() 
             "Deployments were made: {:?}",
             colours
                 .items
+                .iter()
+                .map(|d| d.metadata.name.clone())
+                .collect::<Vec<_>>()
+        );
+        Ok(())
+    }
+    .await;
+    with_logs(&baton, result)
+}
+
+async fn a_manual_rollback_switches_the_service_back_to_the_other_colour_scaling_it_up_first(
+) -> Result<()> {
+    let (baton, client) = start("bg-manual", QUICK_ANALYSIS).await?;
+    let result = manual_rollback(&baton, &client).await;
+    with_logs(&baton, result)
+}
+
+async fn manual_rollback(baton: &Baton, client: &Client) -> Result<()> {
+    let ns = baton.ns.name.clone();
+    let v1 = baton.deployed_image().await?;
+    let (image_v2, _) = baton.push("v2", &[]).await?;
+    let (code, _, out) = baton.release(&image_v2, true).await?;
+    ensure!(code == 0, "the release exited {code}:\n{out}");
+    // After the delay, blue (v1) is scaled down: the rollback must bring it back first.
+    eventually("web-blue scaled to 0", Duration::from_secs(60), || async {
+        let blue = deployment(client, &ns, "web-blue").await?;
+        Ok((blue.spec.replicas == Some(0)).then_some(()))
+    })
+    .await?;
+    let watch = Observer::start(client, &ns).await?;
+    let out = baton
+        .baton(&[
+            "rollback",
+            "web",
+            "--env",
+            "test",
+            "--wait",
+            "--timeout",
+            "3m",
+            "--reason",
+            "errors up",
+        ])
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success(),
+        "baton rollback --wait failed:\n{text}"
+    );
+    let rid = text
+        .split_whitespace()
+        .find_map(|w| baton_core::names::ReleaseId::parse(w.trim_end_matches(':')).ok())
+        .with_context(|| format!("no rollback id in the output: {text}"))?;
+
+    ensure!(
+        selector(client, &ns, "web").await? == web(Some("blue")),
+        "the Service does not select blue again"
+    );
+    let blue = deployment(client, &ns, "web-blue").await?;
+    ensure!(
+        image(&blue) == v1 && available(&blue) == 2,
+        "web-blue: {} with {} available",
+        image(&blue),
+        available(&blue)
+    );
+    let green = deployment(client, &ns, "web-green").await?;
+    ensure!(
+        green.spec.replicas == Some(0),
+        "web-green has {:?} replicas",
+        green.spec.replicas
+    );
+    // The plain Deployment, adopted, was never brought back.
+    let plain = deployment(client, &ns, "web").await?;
+    ensure!(
+        plain.spec.replicas == Some(0),
+        "the adopted Deployment has {:?} replicas",
+        plain.spec.replicas
+    );
+    let events = baton.events(rid).await?;
+    let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
+    ensure!(
+        in_order(
+            &types,
+            &[
+                RollbackRequested,
+                RollbackStarted,
+                RollbackCompleted,
+                ReleaseRolledBack
+            ]
+        ),
+        "{types:?}"
+    );
+    ensure!(
+        colours(&selector_history(&events)) == ["blue"],
+        "rollback.completed tells the selectors {:?}",
+        selector_history(&events)
+    );
+    let started = events
+        .iter()
+        .find_map(|e| match e.payload() {
+            Some(Payload::RollbackStarted(r)) => Some(r.clone()),
+            _ => None,
+        })
+        .context("no rollback.started")?;
+    ensure!(
+        started.to_image == v1 && started.to_revision.ends_with("of web-blue"),
+        "rollback.started: {started:?}"
+    );
+    // Blue was scaled up and available before the Service selected it.
+    let seen = watch.seen();
+    ensure!(
+        seen.colours() == ["green", "blue"],
+        "the Service selected {:?}",
+        seen.colours()
+    );
+    ensure!(
+        seen.fewest_ready() >= 2,
+        "fewer than 2 ready pods behind the Service at one point: {:?}",
+        seen.ready
+    );
+    Ok(())
+}
+
+async fn a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_changes_anything(
+) -> Result<()> {
+    let (baton, client) = start("bg-quota", QUICK_ANALYSIS).await?;
+    let ns = baton.ns.name.clone();
+    // Room for a rolling update's surge (2 + 1 pods) but not for a second colour (2 + 2).
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "three-pods"},
+        "spec": {"hard": {"pods": "3"}}
+    }))?;
+    let quotas = Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(client.clone(), &ns);
+    quotas.create(&PostParams::default(), &quota).await?;
+    eventually(
+        "the quota to count the 2 pods",
+        Duration::from_secs(60),
+        || async {
+            let q = quotas.get("three-pods").await?;
+            let used = q
+                .status
+                .and_then(|s| s.used)
+                .and_then(|u| u.get("pods").map(|q| q.0.clone()));
+            Ok((used.as_deref() == Some("2")).then_some(()))
+        },
+    )
+    .await?;
+    let before = deployment(&client, &ns, "web").await?;
+    let (image_v2, _) = baton.push("v2", &[]).await?;
+    let (code, rid, out) = baton.release(&image_v2, true).await?;
+    let result = async {
+        ensure!(code == 1, "baton release --wait exited {code}:\n{out}");
+        let events = baton.events(rid).await?;
+        let reason = events
+            .iter()
+            .find_map(|e| match e.payload() {
+                Some(Payload::DeployFailed(f)) => Some(f.reason.clone()),
+                _ => None,
+            })
+            .context("no deploy.failed")?;
+        ensure!(
+            reason.contains("three-pods")
+                && reason.contains("second colour of 2")
+                && reason.contains("pods would be 4 of 3"),
+            "the reason does not say what does not fit: {reason}"
+        );
+        ensure!(
+            out.contains("second colour"),
+            "the CLI does not show the reason:\n{out}"
+        );
+        let after = deployment(&client, &ns, "web").await?;
+        ensure!(
+            after.metadata.generation == before.metadata.generation,
+            "the Deployment was changed"
+        );
+        ensure!(
+            selector(&client, &ns, "web").await? == web(None),
+            "the Service was changed"
+        );
+        let all = Api::<Deployment>::namespaced(client.clone(), &ns)
+            .list(&Default::default())
+            .await?;
+        ensure!(
+            all.items.len() == 1,
+            "Deployments were made: {:?}",
+            all.items
                 .iter()
                 .map(|d| d.metadata.name.clone())
                 .collect::<Vec<_>>()
