@@ -475,7 +475,15 @@ pub fn describe(event: &Event) -> String {
         Payload::DeployStepStarted(s) if s.action.is_empty() => {
             format!("step {} at {}%", s.step, s.weight)
         }
-        Payload::DeployStepStarted(s) => format!("step {}: {}", s.step, s.action),
+        Payload::DeployStepStarted(s) if s.selector.is_empty() => {
+            format!("step {}: {}", s.step, s.action)
+        }
+        Payload::DeployStepStarted(s) => format!(
+            "step {}: {} (the Service will select {})",
+            s.step,
+            s.action,
+            selector_text(&s.selector)
+        ),
         Payload::DeployStepReady(s) => format!(
             "step {} at {}%: {} new pod(s) ready ({})",
             s.step,
@@ -511,17 +519,46 @@ pub fn describe(event: &Event) -> String {
             a.reason,
             failed(&a.measurements)
         ),
+        Payload::RollbackStarted(r) if r.to_image.is_empty() => r.reason.clone(),
         Payload::RollbackStarted(r) => format!(
             "to revision {} ({}): {}",
-            r.to_revision, r.to_image, r.reason
+            if r.to_revision.is_empty() {
+                "?"
+            } else {
+                &r.to_revision
+            },
+            r.to_image,
+            r.reason
         ),
         Payload::RollbackCompleted(r) => {
-            format!("revision {} runs {}", r.restored_revision, r.restored_image)
+            let restored = if r.restored_image.is_empty() {
+                "nothing new ran; nothing to restore".to_owned()
+            } else {
+                format!("revision {} runs {}", r.restored_revision, r.restored_image)
+            };
+            if r.selector.is_empty() {
+                restored
+            } else {
+                format!(
+                    "{restored}; the Service selects {}",
+                    selector_text(&r.selector)
+                )
+            }
         }
         Payload::RollbackFailed(r) => r.reason.clone(),
         Payload::ReleaseRolledBack(r) => r.reason.clone(),
         Payload::ReleaseFailed(r) => r.reason.clone(),
     }
+}
+
+/// A label selector as `kubectl` writes one: `app=web,baton.dev/colour=green`, sorted.
+fn selector_text(selector: &std::collections::HashMap<String, String>) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = selector.iter().collect();
+    sorted
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// "by alice", or "by alice: the reason".
@@ -874,6 +911,36 @@ mod tests {
         assert_eq!(
             progress_line(&p, now_ms()),
             format!("step 2 (3 of 5) at 50%: paused by bob: lunch (baton resume {rid})")
+        );
+    }
+
+    #[test]
+    fn selector_changes_are_shown_as_kubectl_writes_them() {
+        let rid = ReleaseId::generate();
+        let selector: std::collections::HashMap<String, String> = [
+            ("baton.dev/colour".to_string(), "blue".to_string()),
+            ("app".to_string(), "web".to_string()),
+        ]
+        .into();
+        let event =
+            |payload| Event::new(rid, EventKey::Unique, payload, Source::default(), "a", "");
+        assert_eq!(
+            describe(&event(Payload::DeployStepStarted(DeployStepStarted {
+                step: 1,
+                weight: 100,
+                action: "switch Service web to blue".into(),
+                selector: selector.clone(),
+            }))),
+            "step 1: switch Service web to blue (the Service will select \
+             app=web,baton.dev/colour=blue)"
+        );
+        assert_eq!(
+            describe(&event(Payload::RollbackCompleted(RollbackCompleted {
+                restored_revision: "3 of web-blue".into(),
+                restored_image: "web:v1".into(),
+                selector,
+            }))),
+            "revision 3 of web-blue runs web:v1; the Service selects app=web,baton.dev/colour=blue"
         );
     }
 

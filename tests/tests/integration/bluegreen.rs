@@ -1061,7 +1061,45 @@ async fn manual_rollback(baton: &Baton, client: &Client) -> Result<()> {
         "fewer than 2 ready pods behind the Service at one point: {:?}",
         seen.ready
     );
+    ensure!(
+        out_text(&baton.baton(&["logs", &rid.to_string()]).await?)
+            .contains("the Service selects app=web,baton.dev/colour=blue"),
+        "baton logs does not show the Service's selector"
+    );
+
+    // A rolling release would change the plain Deployment, which serves nobody: refused.
+    let out = baton
+        .baton(&[
+            "release",
+            "web",
+            "--env",
+            "test",
+            "--image",
+            &image_v2,
+            "--strategy",
+            "rolling",
+            "--wait",
+        ])
+        .await?;
+    let text = out_text(&out);
+    ensure!(
+        out.status.code() == Some(1) && text.contains("is released blue-green"),
+        "a rolling release of a blue-green app: exit {:?}\n{text}",
+        out.status.code()
+    );
+    ensure!(
+        deployment(client, &ns, "web").await?.spec.replicas == Some(0),
+        "the plain Deployment was changed"
+    );
     Ok(())
+}
+
+fn out_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 async fn a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_changes_anything(
