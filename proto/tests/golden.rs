@@ -49,6 +49,8 @@ fn spec() -> ReleaseSpec {
         blue_green: Some(BlueGreenParams {
             scale_down_delay_seconds: 300,
             post_promotion_analysis: true,
+            // Added later: the older fixtures encode it unset.
+            manual_promotion: false,
         }),
         checks: vec![
             Check {
@@ -388,6 +390,21 @@ fn later_samples() -> Vec<(&'static str, Payload)> {
                 restored_revision: "5".into(),
                 restored_image: "checkout@sha256:cd".into(),
                 selector,
+            }),
+        ),
+        (
+            "release.requested+blue_green_manual_promotion",
+            Payload::ReleaseRequested(ReleaseRequested {
+                spec: Some(ReleaseSpec {
+                    strategy: Strategy::BlueGreen as i32,
+                    canary: None,
+                    blue_green: Some(BlueGreenParams {
+                        scale_down_delay_seconds: 300,
+                        post_promotion_analysis: true,
+                        manual_promotion: true,
+                    }),
+                    ..spec()
+                }),
             }),
         ),
     ]

@@ -320,3 +320,18 @@ pub fn repeated(events: &[Event]) -> Vec<EventType> {
         .map(|(t, _)| t)
         .collect()
 }
+
+/// The payload of the first event of a variant in a history, or an error naming it:
+/// `first!(events, DeployFailed)?`.
+#[macro_export]
+macro_rules! first {
+    ($events:expr, $variant:ident) => {
+        $events
+            .iter()
+            .find_map(|e| match e.payload() {
+                Some(baton_proto::v1::envelope::Payload::$variant(p)) => Some(p.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow::anyhow!("no {} in the history", stringify!($variant)))
+    };
+}

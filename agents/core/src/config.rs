@@ -145,6 +145,7 @@ pub struct AppSettings {
     pub canary_steps: Option<Vec<CanaryStep>>,
     pub scale_down_delay_seconds: Option<u32>,
     pub post_promotion_analysis: Option<bool>,
+    pub auto_promote: Option<bool>,
     pub step_timeout_seconds: Option<u32>,
     pub analysis_duration_seconds: Option<u32>,
     pub analysis_interval_seconds: Option<u32>,
@@ -178,6 +179,7 @@ impl AppSettings {
             &mut self.post_promotion_analysis,
             &top.post_promotion_analysis,
         );
+        set(&mut self.auto_promote, &top.auto_promote);
         set(&mut self.step_timeout_seconds, &top.step_timeout_seconds);
         set(
             &mut self.analysis_duration_seconds,
@@ -336,6 +338,8 @@ impl Config {
                 .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECONDS),
             // On unless turned off: the switch is checked again with real traffic.
             post_promotion_analysis: s.post_promotion_analysis.unwrap_or(true),
+            // The switch follows a passing analysis unless a person is to promote it.
+            manual_promotion: !s.auto_promote.unwrap_or(true),
         });
         let build = s
             .build_argv
@@ -1113,13 +1117,22 @@ impl Walk {
             s.canary_steps = self.canary(&p, v);
         }
         if let Some((p, v)) = f.get("blue_green") {
-            if let Some(b) = self.fields(&p, v, &["scale_down_delay", "post_promotion_analysis"]) {
+            if let Some(b) = self.fields(
+                &p,
+                v,
+                &[
+                    "scale_down_delay",
+                    "post_promotion_analysis",
+                    "auto_promote",
+                ],
+            ) {
                 s.scale_down_delay_seconds = b
                     .get("scale_down_delay")
                     .and_then(|(p, v)| self.seconds(&p, v, 0));
                 s.post_promotion_analysis = b
                     .get("post_promotion_analysis")
                     .and_then(|(p, v)| self.boolean(&p, v));
+                s.auto_promote = b.get("auto_promote").and_then(|(p, v)| self.boolean(&p, v));
             }
         }
         if let Some((p, v)) = f.get("analysis") {

@@ -67,7 +67,8 @@ pub fn analysed(spec: &ReleaseSpec, step: u32) -> bool {
 
 /// The steps of a release, as the deployer runs them: a rolling update is one step at 100%; a
 /// canary is its weights (the defaults when none are given), always ending with the promotion at
-/// 100%; blue-green is the new colour behind the preview Service (0%), then the switch (100%).
+/// 100%; blue-green is the new colour behind the preview Service (0%), held there until a person
+/// promotes when its promotion is manual, then the switch (100%).
 pub fn plan(spec: &ReleaseSpec) -> Vec<StepDef> {
     match strategy(spec) {
         Strategy::Canary => {
@@ -89,7 +90,13 @@ pub fn plan(spec: &ReleaseSpec) -> Vec<StepDef> {
             }
             steps
         }
-        Strategy::BlueGreen => vec![StepDef::at(0), StepDef::at(100)],
+        Strategy::BlueGreen => vec![
+            StepDef {
+                until_promoted: spec.blue_green.as_ref().is_some_and(|b| b.manual_promotion),
+                ..StepDef::at(0)
+            },
+            StepDef::at(100),
+        ],
         _ => vec![StepDef::at(100)],
     }
 }
@@ -1170,6 +1177,26 @@ mod tests {
         assert_eq!(weights(Strategy::Rolling, &[]), [100]);
         assert_eq!(weights(Strategy::Unspecified, &[]), [100]);
         assert_eq!(weights(Strategy::BlueGreen, &[]), [0, 100]);
+        let mut spec = ReleaseSpec {
+            strategy: Strategy::BlueGreen as i32,
+            ..Default::default()
+        };
+        assert!(!plan(&spec)[0].gated(), "automatic promotion holds nothing");
+        spec.blue_green = Some(BlueGreenParams {
+            manual_promotion: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            plan(&spec),
+            [
+                StepDef {
+                    until_promoted: true,
+                    ..StepDef::at(0)
+                },
+                StepDef::at(100)
+            ],
+            "manual promotion holds before the switch"
+        );
         assert_eq!(weights(Strategy::Canary, &[]), CANARY_STEPS);
         assert_eq!(weights(Strategy::Canary, &[(20, 0, false)]), [20, 100]);
     }

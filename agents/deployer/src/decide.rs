@@ -346,6 +346,7 @@ mod tests {
             spec.blue_green = Some(baton_proto::v1::BlueGreenParams {
                 scale_down_delay_seconds: 5,
                 post_promotion_analysis: false,
+                ..Default::default()
             });
         }
         done(&mut s, 0);

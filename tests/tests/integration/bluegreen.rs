@@ -37,6 +37,7 @@ pub fn trials() -> Vec<Trial> {
         a_release_of_an_app_without_a_service_fails_before_changing_anything,
         a_manual_rollback_switches_the_service_back_to_the_other_colour_scaling_it_up_first,
         a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_changes_anything,
+        with_manual_promotion_the_switch_waits_for_baton_promote_and_baton_abort_before_it_moves_nothing_but_the_new_colour,
     ]
 }
 
@@ -51,6 +52,16 @@ async fn start(prefix: &str, analysis: &str) -> Result<(Baton, Client)> {
 }
 
 async fn start_with_delay(prefix: &str, analysis: &str, delay_ms: i64) -> Result<(Baton, Client)> {
+    start_with(prefix, analysis, delay_ms, "").await
+}
+
+/// A Baton as [`start`] makes it, with more `blue_green` settings (`", auto_promote: false"`).
+async fn start_with(
+    prefix: &str,
+    analysis: &str,
+    delay_ms: i64,
+    more: &str,
+) -> Result<(Baton, Client)> {
     let baton = Baton::start(prefix).await?;
     let client = baton.cluster.client().await?;
     let service: Service = serde_json::from_value(json!({
@@ -68,7 +79,7 @@ async fn start_with_delay(prefix: &str, analysis: &str, delay_ms: i64) -> Result
             &baton.ns.name,
             &format!(
                 "strategy: blue-green\n\
-                 blue_green: {{scale_down_delay: {delay_ms}ms, post_promotion_analysis: true}}\n\
+                 blue_green: {{scale_down_delay: {delay_ms}ms, post_promotion_analysis: true{more}}}\n\
                  analysis: {analysis}"
             ),
         ))
@@ -187,16 +198,6 @@ fn selector_history(events: &[Event]) -> Vec<BTreeMap<String, String>> {
         })
         .map(|m| m.into_iter().collect())
         .collect()
-}
-
-fn deploy_started(events: &[Event]) -> Result<baton_proto::v1::DeployStarted> {
-    events
-        .iter()
-        .find_map(|e| match e.payload() {
-            Some(Payload::DeployStarted(d)) => Some(d.clone()),
-            _ => None,
-        })
-        .context("no deploy.started")
 }
 
 /// The colour of each selector ("-" for none).
@@ -533,7 +534,7 @@ async fn adoption(baton: &Baton, client: &Client) -> Result<()> {
         blue.spec.selector
     );
     let events = baton.events(first).await?;
-    let started = deploy_started(&events)?;
+    let started = baton_tests::first!(events, DeployStarted)?;
     ensure!(
         started.workload == "web" && started.previous_image == v1,
         "the first release's deploy.started: {started:?}"
@@ -558,7 +559,7 @@ async fn adoption(baton: &Baton, client: &Client) -> Result<()> {
     ensure!(image(&blue) == expected, "web-blue runs {}", image(&blue));
     let events = baton.events(second).await?;
     // What ran before is the active colour's, and what runs after is the new colour's.
-    let started = deploy_started(&events)?;
+    let started = baton_tests::first!(events, DeployStarted)?;
     ensure!(
         started.workload == "web-green" && started.previous_image == image(&green_before),
         "the second release's deploy.started: {started:?}, web-green ran {}",
@@ -577,13 +578,7 @@ async fn adoption(baton: &Baton, client: &Client) -> Result<()> {
         started.previous_revision,
         revision(&green_before)
     );
-    let completed = events
-        .iter()
-        .find_map(|e| match e.payload() {
-            Some(Payload::DeployCompleted(c)) => Some(c.clone()),
-            _ => None,
-        })
-        .context("no deploy.completed")?;
+    let completed = baton_tests::first!(events, DeployCompleted)?;
     ensure!(
         !completed.revision.is_empty() && completed.revision == revision(&blue),
         "deploy.completed tells revision {:?}, web-blue is at {:?}",
@@ -914,13 +909,7 @@ async fn a_release_of_an_app_without_a_service_fails_before_changing_anything() 
     let result = async {
         ensure!(code == 1, "baton release --wait exited {code}:\n{out}");
         let events = baton.events(rid).await?;
-        let reason = events
-            .iter()
-            .find_map(|e| match e.payload() {
-                Some(Payload::ReleaseFailed(f)) => Some(f.reason.clone()),
-                _ => None,
-            })
-            .context("no release.failed")?;
+        let reason = baton_tests::first!(events, ReleaseFailed)?.reason;
         ensure!(
             reason.contains("needs a Service web"),
             "the reason does not say what is missing: {reason}"
@@ -1038,13 +1027,7 @@ async fn manual_rollback(baton: &Baton, client: &Client) -> Result<()> {
         "rollback.completed tells the selectors {:?}",
         selector_history(&events)
     );
-    let started = events
-        .iter()
-        .find_map(|e| match e.payload() {
-            Some(Payload::RollbackStarted(r)) => Some(r.clone()),
-            _ => None,
-        })
-        .context("no rollback.started")?;
+    let started = baton_tests::first!(events, RollbackStarted)?;
     ensure!(
         started.to_image == v1 && started.to_revision.ends_with("of web-blue"),
         "rollback.started: {started:?}"
@@ -1132,13 +1115,7 @@ async fn a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_
     let result = async {
         ensure!(code == 1, "baton release --wait exited {code}:\n{out}");
         let events = baton.events(rid).await?;
-        let reason = events
-            .iter()
-            .find_map(|e| match e.payload() {
-                Some(Payload::DeployFailed(f)) => Some(f.reason.clone()),
-                _ => None,
-            })
-            .context("no deploy.failed")?;
+        let reason = baton_tests::first!(events, DeployFailed)?.reason;
         ensure!(
             reason.contains("three-pods")
                 && reason.contains("second colour of 2")
@@ -1173,4 +1150,126 @@ async fn a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_
     }
     .await;
     with_logs(&baton, result)
+}
+
+async fn with_manual_promotion_the_switch_waits_for_baton_promote_and_baton_abort_before_it_moves_nothing_but_the_new_colour(
+) -> Result<()> {
+    let (baton, client) = start_with(
+        "bg-promote",
+        QUICK_ANALYSIS,
+        DELAY_MS,
+        ", auto_promote: false",
+    )
+    .await?;
+    let result = manual_promotion(&baton, &client).await;
+    with_logs(&baton, result)
+}
+
+/// Releases without waiting; returns the id once the release is held before the switch, having
+/// checked that nothing but the new colour moved.
+async fn held_before_the_switch(
+    baton: &Baton,
+    client: &Client,
+    image_ref: &str,
+    active: &str,
+    new: &str,
+) -> Result<baton_core::names::ReleaseId> {
+    let ns = &baton.ns.name;
+    let (_, rid, _) = baton.release(image_ref, false).await?;
+    baton.wait_for_event(rid, ReleasePaused, LONG).await?;
+    let events = baton.events(rid).await?;
+    let paused = baton_tests::first!(events, ReleasePaused)?;
+    ensure!(
+        paused.step == 0 && paused.gate,
+        "release.paused: {paused:?}"
+    );
+    ensure!(
+        position(&events, AnalysisPassed, 0).is_some()
+            && position(&events, DeployStepStarted, 1).is_none(),
+        "held at the wrong place: {:?}",
+        events.iter().map(|e| e.event_type).collect::<Vec<_>>()
+    );
+    ensure!(
+        selector(client, ns, "web").await? == web(Some(active)),
+        "the Service was switched before the promotion"
+    );
+    ensure!(
+        selector(client, ns, "web-preview").await? == web(Some(new)),
+        "the preview Service does not select {new}"
+    );
+    let id = rid.to_string();
+    let status = out_text(&baton.baton(&["status", &id]).await?);
+    ensure!(
+        status.contains(&format!(
+            "waiting for a person to promote (baton promote {id})"
+        )),
+        "baton status does not say what it waits for:\n{status}"
+    );
+    Ok(rid)
+}
+
+async fn manual_promotion(baton: &Baton, client: &Client) -> Result<()> {
+    let ns = baton.ns.name.clone();
+    let v1 = baton.deployed_image().await?;
+
+    // Held before the switch, then aborted: the new colour goes, nothing else moved.
+    let (bad, _) = baton.push("v2", &[]).await?;
+    let rid = held_before_the_switch(baton, client, &bad, "blue", "green").await?;
+    let out = baton
+        .baton(&["abort", &rid.to_string(), "--reason", "not today"])
+        .await?;
+    ensure!(out.status.success(), "baton abort:\n{}", out_text(&out));
+    let events = baton.wait_for_end(rid, LONG).await?;
+    let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
+    ensure!(
+        types.last() == Some(&ReleaseRolledBack),
+        "the aborted release ended with {types:?}"
+    );
+    ensure!(
+        selector(client, &ns, "web").await? == web(Some("blue")),
+        "the Service does not select blue after the abort"
+    );
+    let blue = deployment(client, &ns, "web-blue").await?;
+    ensure!(
+        image(&blue) == v1 && available(&blue) == 2,
+        "web-blue: {} with {} available",
+        image(&blue),
+        available(&blue)
+    );
+    ensure!(
+        deployment(client, &ns, "web-green").await?.spec.replicas == Some(0),
+        "web-green was not scaled down"
+    );
+
+    // Held again, then promoted: the switch follows the promotion.
+    let (good, digest) = baton.push("v3", &[]).await?;
+    let rid = held_before_the_switch(baton, client, &good, "blue", "green").await?;
+    let out = baton.baton(&["promote", &rid.to_string()]).await?;
+    ensure!(out.status.success(), "baton promote:\n{}", out_text(&out));
+    let events = baton.wait_for_end(rid, LONG).await?;
+    let types: Vec<_> = events.iter().map(|e| e.event_type).collect();
+    ensure!(
+        types.last() == Some(&ReleaseSucceeded),
+        "the promoted release ended with {types:?}"
+    );
+    let promoted = events
+        .iter()
+        .position(|e| e.event_type == ReleasePromoteRequested)
+        .context("no release.promote_requested")?;
+    let switch = position(&events, DeployStepStarted, 1).context("no switch")?;
+    ensure!(
+        promoted < switch,
+        "the switch started before the promotion: {types:?}"
+    );
+    ensure!(
+        selector(client, &ns, "web").await? == web(Some("green")),
+        "the Service does not select green after the promotion"
+    );
+    let green = deployment(client, &ns, "web-green").await?;
+    ensure!(
+        image(&green).ends_with(&digest),
+        "web-green runs {}",
+        image(&green)
+    );
+    Ok(())
 }

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Context, Result};
 use baton_core::event::EventType::{self, *};
 use baton_core::fold::{fold, Status};
-use baton_proto::v1::{envelope::Payload, FailureKind};
+use baton_proto::v1::FailureKind;
 use baton_tests::harness::trial;
 use baton_tests::release::{in_order, Baton};
 use libtest_mimic::Trial;
@@ -151,13 +151,7 @@ async fn a_crash_looping_image_is_rolled_back_on_the_first_check_that_sees_the_c
         !types.contains(&AnalysisStarted) && !types.contains(&DeployStepReady),
         "the crash loop got as far as analysis: {types:?}"
     );
-    let failed = events
-        .iter()
-        .find_map(|e| match e.payload() {
-            Some(Payload::DeployFailed(f)) => Some(f.clone()),
-            _ => None,
-        })
-        .context("no deploy.failed")?;
+    let failed = baton_tests::first!(events, DeployFailed)?;
     ensure!(
         failed.kind == FailureKind::CrashLoop as i32,
         "deploy.failed says {failed:?}"

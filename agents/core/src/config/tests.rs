@@ -19,7 +19,7 @@ apps:
     strategy: canary
     rolling: {max_surge: "25%", max_unavailable: "0"}
     canary: {steps: [{weight: 10}, {weight: 50, pause: 5m}, {weight: 100, pause: until-promoted}]}
-    blue_green: {scale_down_delay: 5m, post_promotion_analysis: true}
+    blue_green: {scale_down_delay: 5m, post_promotion_analysis: true, auto_promote: false}
     step_timeout: 5m
     analysis: {duration: 30s, interval: 5s, failure_limit: 1}
     checks:
@@ -147,6 +147,25 @@ fn the_full_example_parses_and_resolves_every_field() {
         spec.blue_green.is_none(),
         "only the chosen strategy's parameters are carried"
     );
+    let bg = config
+        .resolve(
+            "web",
+            "production",
+            &Overrides {
+                strategy: Some(Strategy::BlueGreen),
+                ..image()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        bg.blue_green,
+        Some(BlueGreenParams {
+            scale_down_delay_seconds: 300,
+            post_promotion_analysis: true,
+            manual_promotion: true,
+        }),
+        "auto_promote: false is a manual promotion"
+    );
     assert_eq!(spec.checks.len(), 3);
     assert_eq!(
         spec.checks[0],
@@ -260,7 +279,8 @@ fn defaults_fill_what_the_file_leaves_out() {
         bg.blue_green,
         Some(BlueGreenParams {
             scale_down_delay_seconds: 300,
-            post_promotion_analysis: true
+            post_promotion_analysis: true,
+            manual_promotion: false,
         })
     );
 }
@@ -573,6 +593,7 @@ fn every_validation_rule_names_its_field() {
         // blue-green
         (app_field("blue_green: {scale_down_delay: soon}"), "apps.web.blue_green.scale_down_delay", "not a duration"),
         (app_field("blue_green: {post_promotion_analysis: 1}"), "apps.web.blue_green.post_promotion_analysis", "true or false"),
+        (app_field("blue_green: {auto_promote: later}"), "apps.web.blue_green.auto_promote", "true or false"),
         // analysis
         (app_field("analysis: {interval: 0s}"), "apps.web.analysis.interval", "longer than 0"),
         (app_field("analysis: {failure_limit: -1}"), "apps.web.analysis.failure_limit", "whole number"),
