@@ -1,13 +1,19 @@
 # Shared by scripts/demo.sh and scripts/bench.sh: build Baton, bring up the sandbox and the five
 # agents as real processes, and remove everything on exit. Source it; it sets `bin`, `work`.
+# BATON_PROFILE=release builds and runs the optimised binaries (the benchmark's default).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 bash scripts/setup.sh
-echo "== building Baton"
-cargo build --workspace --locked --quiet
-bin=$root/target/debug
+profile=${BATON_PROFILE:-debug}
+echo "== building Baton ($profile)"
+if [ "$profile" = release ]; then
+  cargo build --workspace --locked --quiet --release
+else
+  cargo build --workspace --locked --quiet
+fi
+bin=$root/target/$profile
 
 work=$(mktemp -d -t baton.XXXXXX)
 pids=()
