@@ -154,18 +154,7 @@ pub fn annotation<'a>(d: &'a Deployment, key: &str) -> Option<&'a str> {
 
 /// The images of a Deployment's containers, comma-separated.
 pub fn images(d: &Deployment) -> String {
-    d.spec
-        .template
-        .spec
-        .as_ref()
-        .map(|s| {
-            s.containers
-                .iter()
-                .filter_map(|c| c.image.clone())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
+    crate::rollout::template_images(&d.spec.template)
 }
 
 /// A merge patch by Baton.

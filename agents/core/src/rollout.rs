@@ -429,6 +429,21 @@ pub fn without_template_hash(
     })
 }
 
+/// The images of a pod template's containers, comma-separated.
+pub fn template_images(template: &k8s_openapi::api::core::v1::PodTemplateSpec) -> String {
+    template
+        .spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .filter_map(|c| c.image.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
@@ -47,20 +46,6 @@ struct Target {
     app: String,
     timeout: Duration,
     manual: bool,
-}
-
-fn images(template: &PodTemplateSpec) -> String {
-    template
-        .spec
-        .as_ref()
-        .map(|s| {
-            s.containers
-                .iter()
-                .filter_map(|c| c.image.clone())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
 }
 
 impl RollbackAgent {
@@ -236,7 +221,10 @@ impl RollbackAgent {
                     .as_ref()
                     .and_then(|a| a.get(REVISION).cloned())
                     .unwrap_or_default();
-                let to_image = template.as_ref().map(images).unwrap_or_default();
+                let to_image = template
+                    .as_ref()
+                    .map(rollout::template_images)
+                    .unwrap_or_default();
                 tracing::info!(%to_revision, %to_image, %reason, "rolling back");
                 let e = ctx
                     .emit(
@@ -255,7 +243,7 @@ impl RollbackAgent {
         let Some(Payload::RollbackStarted(started)) = started_event.payload().cloned() else {
             return Ok(());
         };
-        let current_images = images(&deployment.spec.template);
+        let current_images = rollout::template_images(&deployment.spec.template);
         if current_images != started.to_image {
             let Some(mut template) = template else {
                 return self

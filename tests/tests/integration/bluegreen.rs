@@ -200,6 +200,50 @@ fn selector_history(events: &[Event]) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
+/// A release that failed before changing anything: the plain Deployment `web` is as `before`,
+/// and no other Deployment was made.
+async fn only_the_plain_deployment_unchanged(
+    client: &Client,
+    ns: &str,
+    before: &Deployment,
+) -> Result<()> {
+    let after = deployment(client, ns, "web").await?;
+    ensure!(
+        after.metadata.generation == before.metadata.generation,
+        "the Deployment was changed"
+    );
+    let all = Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    ensure!(
+        all.items.len() == 1,
+        "Deployments were made: {:?}",
+        all.items
+            .iter()
+            .map(|d| d.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// After a rollback: blue runs `v1` with its 2 pods available and green is scaled to 0.
+async fn blue_serves_again(client: &Client, ns: &str, v1: &str) -> Result<()> {
+    let blue = deployment(client, ns, "web-blue").await?;
+    ensure!(
+        image(&blue) == v1 && available(&blue) == 2,
+        "web-blue: {} with {} available",
+        image(&blue),
+        available(&blue)
+    );
+    let green = deployment(client, ns, "web-green").await?;
+    ensure!(
+        green.spec.replicas == Some(0),
+        "web-green has {:?} replicas",
+        green.spec.replicas
+    );
+    Ok(())
+}
+
 /// The colour of each selector ("-" for none).
 fn colours<'a>(selectors: impl IntoIterator<Item = &'a BTreeMap<String, String>>) -> Vec<String> {
     selectors
@@ -766,19 +810,7 @@ async fn post_promotion(baton: &Baton, client: &Client) -> Result<()> {
         "fewer than 2 ready pods behind the Service at one point: {:?}",
         seen.ready
     );
-    let blue = deployment(client, &ns, "web-blue").await?;
-    ensure!(
-        image(&blue) == v1 && available(&blue) == 2,
-        "web-blue: {} with {} available",
-        image(&blue),
-        available(&blue)
-    );
-    let green = deployment(client, &ns, "web-green").await?;
-    ensure!(
-        green.spec.replicas == Some(0),
-        "web-green has {:?} replicas",
-        green.spec.replicas
-    );
+    blue_serves_again(client, &ns, &v1).await?;
     Ok(())
 }
 
@@ -914,24 +946,7 @@ async fn a_release_of_an_app_without_a_service_fails_before_changing_anything() 
             reason.contains("needs a Service web"),
             "the reason does not say what is missing: {reason}"
         );
-        let after = deployment(&client, &ns, "web").await?;
-        ensure!(
-            after.metadata.generation == before.metadata.generation,
-            "the Deployment was changed"
-        );
-        let colours = Api::<Deployment>::namespaced(client.clone(), &ns)
-            .list(&Default::default())
-            .await?;
-        ensure!(
-            colours.items.len() == 1,
-            "Deployments were made: {:?}",
-            colours
-                .items
-                .iter()
-                .map(|d| d.metadata.name.clone())
-                .collect::<Vec<_>>()
-        );
-        Ok(())
+        only_the_plain_deployment_unchanged(&client, &ns, &before).await
     }
     .await;
     with_logs(&baton, result)
@@ -988,19 +1003,7 @@ async fn manual_rollback(baton: &Baton, client: &Client) -> Result<()> {
         selector(client, &ns, "web").await? == web(Some("blue")),
         "the Service does not select blue again"
     );
-    let blue = deployment(client, &ns, "web-blue").await?;
-    ensure!(
-        image(&blue) == v1 && available(&blue) == 2,
-        "web-blue: {} with {} available",
-        image(&blue),
-        available(&blue)
-    );
-    let green = deployment(client, &ns, "web-green").await?;
-    ensure!(
-        green.spec.replicas == Some(0),
-        "web-green has {:?} replicas",
-        green.spec.replicas
-    );
+    blue_serves_again(client, &ns, &v1).await?;
     // The plain Deployment, adopted, was never brought back.
     let plain = deployment(client, &ns, "web").await?;
     ensure!(
@@ -1126,27 +1129,11 @@ async fn a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_
             out.contains("second colour"),
             "the CLI does not show the reason:\n{out}"
         );
-        let after = deployment(&client, &ns, "web").await?;
-        ensure!(
-            after.metadata.generation == before.metadata.generation,
-            "the Deployment was changed"
-        );
         ensure!(
             selector(&client, &ns, "web").await? == web(None),
             "the Service was changed"
         );
-        let all = Api::<Deployment>::namespaced(client.clone(), &ns)
-            .list(&Default::default())
-            .await?;
-        ensure!(
-            all.items.len() == 1,
-            "Deployments were made: {:?}",
-            all.items
-                .iter()
-                .map(|d| d.metadata.name.clone())
-                .collect::<Vec<_>>()
-        );
-        Ok(())
+        only_the_plain_deployment_unchanged(&client, &ns, &before).await
     }
     .await;
     with_logs(&baton, result)
@@ -1229,17 +1216,7 @@ async fn manual_promotion(baton: &Baton, client: &Client) -> Result<()> {
         selector(client, &ns, "web").await? == web(Some("blue")),
         "the Service does not select blue after the abort"
     );
-    let blue = deployment(client, &ns, "web-blue").await?;
-    ensure!(
-        image(&blue) == v1 && available(&blue) == 2,
-        "web-blue: {} with {} available",
-        image(&blue),
-        available(&blue)
-    );
-    ensure!(
-        deployment(client, &ns, "web-green").await?.spec.replicas == Some(0),
-        "web-green was not scaled down"
-    );
+    blue_serves_again(client, &ns, &v1).await?;
 
     // Held again, then promoted: the switch follows the promotion.
     let (good, digest) = baton.push("v3", &[]).await?;
