@@ -218,6 +218,28 @@ impl Event {
         }
     }
 
+    /// The `n`th event of a hand-written history, as fold and analysis tests write them: by
+    /// alice from a test agent, keyed and timed by `n` (second 1000 + n).
+    pub fn numbered(release_id: ReleaseId, n: u32, payload: Payload) -> Event {
+        let mut e = Event::new(
+            release_id,
+            EventKey::Named(&n.to_string()),
+            payload,
+            Source {
+                agent: "test".into(),
+                cluster: "c".into(),
+                instance: "i".into(),
+            },
+            "alice",
+            "",
+        );
+        e.envelope.time = Some(prost_types::Timestamp {
+            seconds: 1_000 + i64::from(n),
+            nanos: 0,
+        });
+        e
+    }
+
     pub fn id(&self) -> &str {
         &self.envelope.id
     }

@@ -6,27 +6,10 @@ use baton_proto::v1::{envelope::Payload, *};
 
 use crate::event::{Event, EventType};
 use crate::fold::{fold, Status};
-use crate::ids::EventKey;
 use crate::names::ReleaseId;
 
 fn ev(rid: ReleaseId, n: u32, payload: Payload) -> Event {
-    let mut e = Event::new(
-        rid,
-        EventKey::Named(&n.to_string()),
-        payload,
-        Source {
-            agent: "test".into(),
-            cluster: "c".into(),
-            instance: "i".into(),
-        },
-        "alice",
-        "",
-    );
-    e.envelope.time = Some(prost_types::Timestamp {
-        seconds: 1_000 + i64::from(n),
-        nanos: 0,
-    });
-    e
+    Event::numbered(rid, n, payload)
 }
 
 fn spec() -> ReleaseSpec {

@@ -4,30 +4,13 @@ use std::time::Duration;
 
 use baton_core::event::Event;
 use baton_core::fold::fold;
-use baton_core::ids::EventKey;
 use baton_core::names::ReleaseId;
 use baton_proto::v1::{envelope::Payload, *};
 
 use super::*;
 
 fn ev(rid: ReleaseId, n: u32, payload: Payload) -> Event {
-    let mut e = Event::new(
-        rid,
-        EventKey::Named(&n.to_string()),
-        payload,
-        Source {
-            agent: "test".into(),
-            cluster: "c".into(),
-            instance: "i".into(),
-        },
-        "alice",
-        "",
-    );
-    e.envelope.time = Some(baton_proto::Timestamp {
-        seconds: 1_000 + i64::from(n),
-        nanos: 0,
-    });
-    e
+    Event::numbered(rid, n, payload)
 }
 
 fn spec() -> ReleaseSpec {
