@@ -104,6 +104,8 @@ fn spec() -> ReleaseSpec {
         }),
         ingress: "checkout".into(),
         config_revision: 7,
+        // Added later: the fixtures encode it unset.
+        deadline_margin_seconds: 0,
     }
 }
 

@@ -45,12 +45,25 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A short, stable word for what failed, used as a metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::ReadAuth { .. } | Error::AuthFile { .. } => "credentials",
+            Error::PlainHttpRegistry { .. } | Error::HttpClient(_) => "setup",
+            Error::StoreLog { .. } => "store_log",
+            Error::Bus(e) => e.category(),
+        }
+    }
+}
+
 impl From<Error> for HandlerError {
     fn from(e: Error) -> Self {
+        let category = e.category();
         if e.is_retryable() {
-            HandlerError::Retry(e.to_string())
+            HandlerError::retry(category, e.to_string())
         } else {
-            HandlerError::Permanent(e.to_string())
+            HandlerError::permanent(category, e.to_string())
         }
     }
 }

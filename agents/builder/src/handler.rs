@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::object_store::{ObjectMetadata, PutErrorKind};
 use baton_core::bus::LOGS_BUCKET;
 use baton_core::ids::EventKey;
-use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::runtime::{AgentContext, Delivery, Handled, Handler, HandlerError};
 use baton_proto::v1::envelope::Payload;
 use baton_proto::v1::{BuildFailed, BuildStarted, BuildSucceeded};
 use futures::future::BoxFuture;
@@ -40,15 +40,16 @@ impl Builder {
         let trigger = match delivery.event.payload() {
             Some(Payload::ReleaseRequested(r)) => r.spec.clone(),
             _ => {
-                return Err(HandlerError::Permanent(format!(
-                    "the builder does not handle {}",
-                    delivery.event.event_type
-                )))
+                return Err(HandlerError::permanent(
+                    "invalid",
+                    format!("the builder does not handle {}", delivery.event.event_type),
+                ))
             }
         };
         let Some(trigger) = trigger else {
-            return Err(HandlerError::Permanent(
-                "release.requested has no spec".into(),
+            return Err(HandlerError::permanent(
+                "invalid",
+                "release.requested has no spec",
             ));
         };
         let (_, state) = ctx.release_state(delivery.event.release_id).await?;
@@ -153,8 +154,43 @@ impl Handler for Builder {
         &'a self,
         ctx: &'a AgentContext,
         delivery: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(self.on_request(ctx, delivery))
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>> {
+        Box::pin(async move {
+            self.on_request(ctx, delivery).await?;
+            Ok(Handled::Done)
+        })
+    }
+
+    /// The release's request was dead-lettered here: it can't be built, so the build fails with
+    /// the reason (and the release ends).
+    fn on_dead_letter<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        d: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            match ctx.release_state_bounded(d.subject.release_id).await {
+                Ok((_, state))
+                    if state.terminal.is_none()
+                        && state.image_ref.is_none()
+                        && state.failure.is_none() =>
+                {
+                    let failed = BuildFailed {
+                        reason: format!("the builder could not handle the request ({reason})"),
+                        ..Default::default()
+                    };
+                    if let Err(e) = ctx
+                        .emit(d, EventKey::Once, Payload::BuildFailed(failed))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot fail the build of a dead-lettered request");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the release to fail its build"),
+            }
+        })
     }
 }
 

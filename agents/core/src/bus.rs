@@ -39,6 +39,10 @@ pub const NATS_USERS: [&str; 7] = [
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most events one release may have. A release is a few dozen events; the bound keeps a
+/// flood of commands on one release from running an agent out of memory: a history longer than
+/// this is refused (the trigger is dead-lettered) instead of read.
+pub const MAX_EVENTS_PER_RELEASE: u64 = 1000;
 
 /// Standard NATS connection options, by flag or environment.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -279,6 +283,16 @@ impl Bus {
         &self,
         filter: &str,
     ) -> std::result::Result<Vec<jetstream::Message>, String> {
+        Ok(self.read_events_up_to(filter, u64::MAX).await?.0)
+    }
+
+    /// The first `limit` messages of the event stream on `filter`, in stream order, and how many
+    /// there are in all.
+    pub async fn read_events_up_to(
+        &self,
+        filter: &str,
+        limit: u64,
+    ) -> std::result::Result<(Vec<jetstream::Message>, u64), String> {
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
@@ -297,9 +311,10 @@ impl Bus {
             .await
             .map_err(|e| e.to_string())?
             .num_pending;
-        let mut out = Vec::with_capacity(pending as usize);
-        if pending == 0 {
-            return Ok(out);
+        let wanted = pending.min(limit);
+        let mut out = Vec::with_capacity(wanted.min(10_000) as usize);
+        if wanted == 0 {
+            return Ok((out, pending));
         }
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         while let Some(message) = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
@@ -309,18 +324,39 @@ impl Bus {
             let message = message.map_err(|e| e.to_string())?;
             let left = message.info().map(|i| i.pending).unwrap_or(0);
             out.push(message);
-            if left == 0 {
+            if left == 0 || out.len() as u64 >= wanted {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, pending))
     }
 
     /// Every event of a release, in stream order, decoded. Messages that fail to decode are
-    /// skipped with a warning (they were dead-lettered when they arrived).
+    /// skipped with a warning (they were dead-lettered when they arrived). A release with more
+    /// than [`MAX_EVENTS_PER_RELEASE`] events is refused.
     pub async fn release_history(&self, release_id: ReleaseId) -> Result<Vec<Event>> {
-        let messages = self
-            .read_events(&subject::release_events(release_id))
+        let (events, total) = self
+            .release_history_head(release_id, MAX_EVENTS_PER_RELEASE)
+            .await?;
+        if total > MAX_EVENTS_PER_RELEASE {
+            return Err(Error::HistoryTooLong {
+                release_id: release_id.to_string(),
+                events: total,
+                limit: MAX_EVENTS_PER_RELEASE,
+            });
+        }
+        Ok(events)
+    }
+
+    /// The first `limit` events of a release, decoded, and how many it has in all — enough to
+    /// end a release whose whole history is too long to read.
+    pub async fn release_history_head(
+        &self,
+        release_id: ReleaseId,
+        limit: u64,
+    ) -> Result<(Vec<Event>, u64)> {
+        let (messages, total) = self
+            .read_events_up_to(&subject::release_events(release_id), limit)
             .await
             .map_err(|message| Error::History {
                 release_id: release_id.to_string(),
@@ -344,7 +380,7 @@ impl Bus {
                 }
             }
         }
-        Ok(events)
+        Ok((events, total))
     }
 
     /// A key-value bucket of the bus (locks, configuration).

@@ -76,6 +76,9 @@ struct AgentConsumersFile {
     /// a deployer serving cluster A must never take, and drop, a message meant for cluster B.
     #[serde(default)]
     per_cluster: bool,
+    /// Settings of some of the consumers that differ from `defaults.json`, by event type.
+    #[serde(default)]
+    overrides: BTreeMap<String, Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +261,12 @@ impl Definitions {
         let mut consumers = Vec::new();
         for (path, f) in agent_files {
             let agent: Role = f.agent.parse().map_err(|e: String| bad(&path, e))?;
+            if let Some(unknown) = f.overrides.keys().find(|k| !f.events.contains(k)) {
+                return Err(bad(
+                    &path,
+                    format!("overrides name {unknown}, which is not one of its events"),
+                ));
+            }
             if !streams.contains_key(&f.stream) {
                 return Err(bad(&path, format!("stream {} is not defined", f.stream)));
             }
@@ -274,6 +283,9 @@ impl Definitions {
                 };
                 let durable = format!("{agent}-{suffix}");
                 let mut config: Map<String, Value> = defaults.clone();
+                if let Some(over) = f.overrides.get(event) {
+                    config.extend(over.clone());
+                }
                 config.insert("durable_name".into(), Value::String(durable.clone()));
                 config.insert("filter_subject".into(), Value::String(filter));
                 config.insert(

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use baton_proto::v1::{
     check, AnalysisParams, BlueGreenParams, BuildParams, CanaryParams, CanaryStep, Check,
@@ -26,6 +26,11 @@ use baton_proto::v1::{
 };
 use serde_yaml::Value;
 
+use crate::limits::{
+    MAX_ANALYSIS_SECONDS, MAX_ARGV, MAX_CHECKS, MAX_FAILURE_LIMIT, MAX_HTTP_RETRIES,
+    MAX_LATENCY_REQUESTS, MAX_PORT, MAX_REQUEST_TIMEOUT, MAX_SMOKE_TIMEOUT, MAX_SPEC_MILLIS,
+    MAX_SPEC_SECONDS, MAX_STEPS, MAX_TEXT_BYTES as MAX_TEXT, MAX_URL_BYTES,
+};
 use crate::names::{validate_dns_label, NameError};
 
 pub mod store;
@@ -35,10 +40,6 @@ mod tests;
 /// The largest configuration file accepted: it is stored whole in one KV entry (NATS refuses
 /// messages over 1 MB, and JSON escaping can double the text).
 pub const MAX_FILE_BYTES: usize = 256 * 1024;
-const MAX_TEXT: usize = 4096;
-const MAX_CHECKS: usize = 64;
-const MAX_STEPS: usize = 32;
-const MAX_ARGV: usize = 256;
 
 pub const DEFAULT_PORT: u32 = 8080;
 pub const DEFAULT_STEP_TIMEOUT_SECONDS: u32 = 300;
@@ -147,6 +148,7 @@ pub struct AppSettings {
     pub post_promotion_analysis: Option<bool>,
     pub auto_promote: Option<bool>,
     pub step_timeout_seconds: Option<u32>,
+    pub deadline_margin_seconds: Option<u32>,
     pub analysis_duration_seconds: Option<u32>,
     pub analysis_interval_seconds: Option<u32>,
     pub failure_limit: Option<u32>,
@@ -181,6 +183,10 @@ impl AppSettings {
         );
         set(&mut self.auto_promote, &top.auto_promote);
         set(&mut self.step_timeout_seconds, &top.step_timeout_seconds);
+        set(
+            &mut self.deadline_margin_seconds,
+            &top.deadline_margin_seconds,
+        );
         set(
             &mut self.analysis_duration_seconds,
             &top.analysis_duration_seconds,
@@ -386,6 +392,9 @@ impl Config {
             build,
             ingress: s.ingress.unwrap_or_default(),
             config_revision: self.revision,
+            deadline_margin_seconds: s
+                .deadline_margin_seconds
+                .unwrap_or(crate::deadline::DEFAULT_MARGIN_SECONDS),
         }
     }
 }
@@ -403,13 +412,42 @@ fn resolved_problems(spec: &ReleaseSpec) -> Vec<Problem> {
             });
         }
     }
-    if let Some(a) = &spec.analysis {
-        if a.duration_seconds > 0 && a.interval_seconds > a.duration_seconds {
+    // An interval longer than the duration leaves the health-checker one round, at the start
+    // (`Settings::rounds`): the duration asked for would silently not be watched.
+    let base = spec.analysis.unwrap_or_default();
+    if base.duration_seconds > 0 && base.interval_seconds > base.duration_seconds {
+        problems.push(Problem {
+            path: "analysis".into(),
+            message: format!(
+                "interval ({}s) is longer than duration ({}s)",
+                base.interval_seconds, base.duration_seconds
+            ),
+        });
+    }
+    // A canary step's own analysis replaces the release's field by field, where set (0 is
+    // unset), as the health-checker's `for_step` does; the rule holds for what it merges to.
+    let steps = spec.canary.as_ref().map_or(&[][..], |c| c.steps.as_slice());
+    for (i, step) in steps.iter().enumerate() {
+        let Some(own) = step.analysis else { continue };
+        if own.duration_seconds == 0 && own.interval_seconds == 0 {
+            continue;
+        }
+        let pick = |own: u32, base: u32, field: &str| {
+            if own > 0 {
+                (own, format!("{own}s"))
+            } else {
+                (base, format!("{base}s, from analysis.{field}"))
+            }
+        };
+        let (duration, duration_text) =
+            pick(own.duration_seconds, base.duration_seconds, "duration");
+        let (interval, interval_text) =
+            pick(own.interval_seconds, base.interval_seconds, "interval");
+        if duration > 0 && interval > duration {
             problems.push(Problem {
-                path: "analysis".into(),
+                path: format!("canary.steps[{i}].analysis"),
                 message: format!(
-                    "interval ({}s) is longer than duration ({}s)",
-                    a.interval_seconds, a.duration_seconds
+                    "interval ({interval_text}) is longer than duration ({duration_text})"
                 ),
             });
         }
@@ -562,6 +600,7 @@ const APP_FIELDS: &[&str] = &[
     "canary",
     "blue_green",
     "step_timeout",
+    "deadline_margin",
     "analysis",
     "checks",
     "build",
@@ -794,11 +833,11 @@ impl Walk {
 
     fn port(&mut self, path: &str, v: &Value) -> Option<u32> {
         match v.as_u64() {
-            Some(n) if (1..=65535).contains(&n) => u32::try_from(n).ok(),
+            Some(n) if (1..=u64::from(MAX_PORT)).contains(&n) => u32::try_from(n).ok(),
             _ => {
                 self.err(
                     path,
-                    format!("must be a TCP port (1 to 65535), not {}", describe(v)),
+                    format!("must be a TCP port (1 to {MAX_PORT}), not {}", describe(v)),
                 );
                 None
             }
@@ -815,91 +854,69 @@ impl Walk {
         }
     }
 
-    /// A duration in milliseconds, at least `min_ms`.
-    fn millis(&mut self, path: &str, v: &Value, min_ms: u64) -> Option<u32> {
-        let ms = match v {
+    /// The text of a duration field, in milliseconds.
+    fn duration_text(&mut self, path: &str, v: &Value, examples: &str) -> Option<u64> {
+        match v {
             Value::String(s) => match parse_duration_ms(s) {
-                Ok(ms) => ms,
+                Ok(ms) => Some(ms),
                 Err(e) => {
                     self.err(path, e);
-                    return None;
+                    None
                 }
             },
             other => {
                 self.err(
                     path,
                     format!(
-                        "must be a duration such as 500ms, 30s, 5m or 1h, not {}",
+                        "must be a duration such as {examples}, not {}",
                         describe(other)
                     ),
                 );
-                return None;
-            }
-        };
-        if ms < min_ms {
-            self.err(
-                path,
-                if min_ms == 1 {
-                    "must be longer than 0".to_owned()
-                } else {
-                    format!("must be at least {}", format_ms(min_ms))
-                },
-            );
-            return None;
-        }
-        match u32::try_from(ms) {
-            Ok(ms) => Some(ms),
-            Err(_) => {
-                self.err(path, "is too long (at most 49 days)");
                 None
             }
         }
     }
 
-    /// A duration in whole seconds, at least `min_s`.
-    fn seconds(&mut self, path: &str, v: &Value, min_s: u64) -> Option<u32> {
-        let ms = match v {
-            Value::String(s) => match parse_duration_ms(s) {
-                Ok(ms) => ms,
-                Err(e) => {
-                    self.err(path, e);
-                    return None;
-                }
-            },
-            other => {
-                self.err(
-                    path,
-                    format!(
-                        "must be a duration such as 30s, 5m or 1h, not {}",
-                        describe(other)
-                    ),
-                );
-                return None;
-            }
-        };
+    /// A duration in milliseconds, from `min_ms` to `max_ms`.
+    fn millis(&mut self, path: &str, v: &Value, min_ms: u32, max_ms: u32) -> Option<u32> {
+        let ms = self.duration_text(path, v, "500ms, 30s, 5m or 1h")?;
+        let (min, max) = (u64::from(min_ms), u64::from(max_ms));
+        if !(min..=max).contains(&ms) {
+            let max_text = if max_ms == MAX_SPEC_MILLIS {
+                format!("{max_ms}ms (the most a release spec carries)")
+            } else {
+                human_ms(max)
+            };
+            self.err(path, out_of_range(ms < min, min, 1, &max_text, v));
+            return None;
+        }
+        u32::try_from(ms).ok()
+    }
+
+    /// A duration in whole seconds, from `min_s` to the most the release spec carries.
+    fn seconds(&mut self, path: &str, v: &Value, min_s: u32) -> Option<u32> {
+        self.seconds_in(path, v, min_s, MAX_SPEC_SECONDS)
+    }
+
+    /// A duration in whole seconds, from `min_s` to `max_s`.
+    fn seconds_in(&mut self, path: &str, v: &Value, min_s: u32, max_s: u32) -> Option<u32> {
+        let ms = self.duration_text(path, v, "30s, 5m or 1h")?;
         if ms % 1000 != 0 {
             self.err(path, "must be a whole number of seconds");
             return None;
         }
         let s = ms / 1000;
-        if s < min_s {
-            self.err(
-                path,
-                if min_s == 1 {
-                    "must be longer than 0".to_owned()
-                } else {
-                    format!("must be at least {}", format_ms(min_s * 1000))
-                },
-            );
+        if !(u64::from(min_s)..=u64::from(max_s)).contains(&s) {
+            let max_text = if max_s == MAX_SPEC_SECONDS {
+                format!("{max_s}s (the most a release spec carries)")
+            } else {
+                human_ms(u64::from(max_s) * 1000)
+            };
+            let min_ms = u64::from(min_s) * 1000;
+            self.err(path, out_of_range(ms < min_ms, min_ms, 1000, &max_text, v));
             return None;
         }
-        match u32::try_from(s) {
-            Ok(s) => Some(s),
-            Err(_) => {
-                self.err(path, "is too long");
-                None
-            }
-        }
+        u32::try_from(s).ok()
     }
 
     /// A program and its arguments, run without a shell.
@@ -951,6 +968,13 @@ impl Walk {
         }
         if s.chars().any(char::is_whitespace) {
             self.err(path, format!("{s:?} must not contain spaces"));
+            return None;
+        }
+        if s.contains('#') {
+            self.err(
+                path,
+                format!("{s:?} must not contain '#' (a fragment is never sent to the pod)"),
+            );
             return None;
         }
         Some(s)
@@ -1098,6 +1122,9 @@ impl Walk {
             step_timeout_seconds: f
                 .get("step_timeout")
                 .and_then(|(p, v)| self.seconds(&p, v, 1)),
+            deadline_margin_seconds: f
+                .get("deadline_margin")
+                .and_then(|(p, v)| self.seconds(&p, v, 1)),
             ingress: f
                 .get("ingress")
                 .and_then(|(p, v)| self.dns_label(&p, "ingress name", v)),
@@ -1137,13 +1164,17 @@ impl Walk {
         }
         if let Some((p, v)) = f.get("analysis") {
             if let Some(a) = self.fields(&p, v, &["duration", "interval", "failure_limit"]) {
-                s.analysis_duration_seconds =
-                    a.get("duration").and_then(|(p, v)| self.seconds(&p, v, 0));
-                s.analysis_interval_seconds =
-                    a.get("interval").and_then(|(p, v)| self.seconds(&p, v, 1));
+                // Not 0: the spec's 0 is "unset", which the health-checker reads as its own
+                // default, not as no analysis.
+                s.analysis_duration_seconds = a
+                    .get("duration")
+                    .and_then(|(p, v)| self.seconds_in(&p, v, 1, MAX_ANALYSIS_SECONDS));
+                s.analysis_interval_seconds = a
+                    .get("interval")
+                    .and_then(|(p, v)| self.seconds_in(&p, v, 1, MAX_ANALYSIS_SECONDS));
                 s.failure_limit = a
                     .get("failure_limit")
-                    .and_then(|(p, v)| self.uint(&p, v, 0, 1000));
+                    .and_then(|(p, v)| self.uint(&p, v, 0, MAX_FAILURE_LIMIT));
             }
         }
         if let Some((p, v)) = f.get("checks") {
@@ -1217,18 +1248,19 @@ impl Walk {
             }
             if let Some((ap, av)) = sf.get("analysis") {
                 if let Some(a) = self.fields(&ap, av, &["duration", "interval", "failure_limit"]) {
+                    // Not 0: a step's 0 means "the app's", not no analysis.
                     step.analysis = Some(AnalysisParams {
                         duration_seconds: a
                             .get("duration")
-                            .and_then(|(p, v)| self.seconds(&p, v, 0))
+                            .and_then(|(p, v)| self.seconds_in(&p, v, 1, MAX_ANALYSIS_SECONDS))
                             .unwrap_or(0),
                         interval_seconds: a
                             .get("interval")
-                            .and_then(|(p, v)| self.seconds(&p, v, 1))
+                            .and_then(|(p, v)| self.seconds_in(&p, v, 1, MAX_ANALYSIS_SECONDS))
                             .unwrap_or(0),
                         failure_limit: a
                             .get("failure_limit")
-                            .and_then(|(p, v)| self.uint(&p, v, 0, 1000))
+                            .and_then(|(p, v)| self.uint(&p, v, 0, MAX_FAILURE_LIMIT))
                             .unwrap_or(0),
                     });
                 }
@@ -1378,15 +1410,16 @@ impl Walk {
                 .unwrap_or_default(),
             timeout_ms: f
                 .get("timeout")
-                .and_then(|(p, v)| self.millis(&p, v, 1))
+                .and_then(|(p, v)| self.millis(&p, v, 1, millis_of(MAX_REQUEST_TIMEOUT)))
                 .unwrap_or(DEFAULT_HTTP_TIMEOUT_MS),
             retries: f
                 .get("retries")
-                .and_then(|(p, v)| self.uint(&p, v, 0, 100))
+                .and_then(|(p, v)| self.uint(&p, v, 0, MAX_HTTP_RETRIES))
                 .unwrap_or(DEFAULT_HTTP_RETRIES),
+            // The health-checker bounds the pause between retries as it bounds a request.
             interval_ms: f
                 .get("interval")
-                .and_then(|(p, v)| self.millis(&p, v, 1))
+                .and_then(|(p, v)| self.millis(&p, v, 1, millis_of(MAX_REQUEST_TIMEOUT)))
                 .unwrap_or(DEFAULT_HTTP_INTERVAL_MS),
             url: f
                 .get("url")
@@ -1412,6 +1445,16 @@ impl Walk {
             self.err(path, format!("{s:?} must be an http:// or https:// URL"));
             return None;
         };
+        if s.len() > MAX_URL_BYTES {
+            self.err(
+                path,
+                format!(
+                    "is {} bytes long: a check's URL may have at most {MAX_URL_BYTES}",
+                    s.len()
+                ),
+            );
+            return None;
+        }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         if authority.contains('@') {
             self.err(path, format!("has credentials in it, which {SECRET_HINT}"));
@@ -1471,7 +1514,7 @@ impl Walk {
                 );
                 0
             }
-            Some((p, v)) => self.millis(&p, v, 1).unwrap_or(0),
+            Some((p, v)) => self.millis(&p, v, 1, MAX_SPEC_MILLIS).unwrap_or(0),
         };
         let check = LatencyCheck {
             path: f
@@ -1480,7 +1523,7 @@ impl Walk {
                 .unwrap_or_else(|| "/".into()),
             requests: f
                 .get("requests")
-                .and_then(|(p, v)| self.uint(&p, v, 1, 10_000))
+                .and_then(|(p, v)| self.uint(&p, v, 1, MAX_LATENCY_REQUESTS))
                 .unwrap_or(DEFAULT_LATENCY_REQUESTS),
             percentile,
             threshold_ms,
@@ -1508,7 +1551,7 @@ impl Walk {
         };
         let timeout_ms = f
             .get("timeout")
-            .and_then(|(p, v)| self.millis(&p, v, 1))
+            .and_then(|(p, v)| self.millis(&p, v, 1, millis_of(MAX_SMOKE_TIMEOUT)))
             .unwrap_or(DEFAULT_SMOKE_TIMEOUT_MS);
         if self.problems.len() != before {
             return None;
@@ -1628,10 +1671,33 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     Ok(total)
 }
 
-fn format_ms(ms: u64) -> String {
-    if ms % 1000 != 0 {
-        format!("{ms}ms")
+/// A duration as people write it in the file: `500ms`, `1m30s`, `24h`, `0s`.
+fn human_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "0s".into();
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    let (s, milli) = (rest / 1000, rest % 1000);
+    [(h, "h"), (m, "m"), (s, "s"), (milli, "ms")]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect()
+}
+
+/// A limit of the spec as a milliseconds field carries it.
+fn millis_of(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(MAX_SPEC_MILLIS)
+}
+
+/// What a duration outside its range is told: the range, in the units of the file. `unit_ms` is
+/// the field's resolution (1 for milliseconds, 1000 for seconds).
+fn out_of_range(too_short: bool, min_ms: u64, unit_ms: u64, max_text: &str, v: &Value) -> String {
+    let min_text = human_ms(min_ms);
+    if too_short && min_ms == unit_ms {
+        format!("must be longer than 0: from {min_text} to {max_text}")
     } else {
-        format!("{}s", ms / 1000)
+        format!("must be from {min_text} to {max_text}, not {}", describe(v))
     }
 }

@@ -38,6 +38,12 @@ pub enum Error {
     },
     #[error("reading the events of release {release_id}: {message}")]
     History { release_id: String, message: String },
+    #[error("release {release_id} has {events} events, more than the {limit} a release may have; refused")]
+    HistoryTooLong {
+        release_id: String,
+        events: u64,
+        limit: u64,
+    },
     #[error("bus definition {path}: {message}")]
     Definition { path: String, message: String },
     #[error("applying {kind} {name}: {message}")]
@@ -58,6 +64,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// A short, stable word for what failed, used as a metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::ReadCredentials { .. } | Error::Credentials(_) => "credentials",
+            Error::Connect { .. } => "connect",
+            Error::PermissionDenied { .. } => "permission",
+            Error::Publish { .. } | Error::PublishTimeout { .. } => "publish",
+            Error::Stream { .. } | Error::Consumer { .. } => "stream",
+            Error::History { .. } => "history",
+            Error::HistoryTooLong { .. } => "history_too_long",
+            Error::Definition { .. } | Error::Apply { .. } => "definition",
+            Error::DeadLetter { .. } => "dead_letter",
+            Error::Http { .. } => "http",
+            Error::Telemetry(_) => "telemetry",
+        }
+    }
+
     /// Whether trying again later can succeed (a broker or network hiccup), as opposed to a
     /// mistake that will fail the same way every time.
     pub fn is_retryable(&self) -> bool {

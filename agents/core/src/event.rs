@@ -133,6 +133,11 @@ event_types! {
 }
 
 impl EventType {
+    /// A person's (or CI's) request or command: what the CLI publishes.
+    pub fn is_command(self) -> bool {
+        self.owner() == Role::Cli
+    }
+
     /// Types that end a release.
     pub fn is_terminal(self) -> bool {
         matches!(

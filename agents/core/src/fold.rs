@@ -91,8 +91,11 @@ pub struct ReleaseState {
     pub strategy: Option<Strategy>,
     pub previous_revision: Option<String>,
     pub previous_image: Option<String>,
-    /// Steps started, with their weights.
+    /// Replicas of the workload when the release began (`deploy.started`).
+    pub replicas: Option<u32>,
+    /// Steps started, with their weights, and when each began (its first `deploy.step_started`).
     pub steps_started: BTreeMap<u32, u32>,
+    pub step_started_ms: BTreeMap<u32, i64>,
     pub steps_ready: BTreeSet<u32>,
     pub analyses_started: BTreeSet<u32>,
     pub analyses_passed: BTreeSet<u32>,
@@ -124,6 +127,16 @@ pub struct ReleaseState {
     pub requested_at_ms: Option<i64>,
     pub started_at_ms: Option<i64>,
     pub ended_at_ms: Option<i64>,
+    /// When an agent last told of progress (any event but a person's command): deadlines count
+    /// from it.
+    pub last_progress_ms: Option<i64>,
+    /// When the release was paused and resumed, per step, in stream order: the time held at a
+    /// person's gate is known from them.
+    pub pause_times: BTreeMap<u32, Vec<i64>>,
+    pub resume_times: BTreeMap<u32, Vec<i64>>,
+    /// A second `release.requested` with the same release id (and another event id) was seen and
+    /// ignored: the first one's spec stands.
+    pub duplicate_request: bool,
     /// Distinct events folded (duplicates by id are counted once).
     pub events: usize,
     seen: HashSet<String>,
@@ -152,14 +165,23 @@ impl ReleaseState {
         self.release_id = Some(event.release_id);
         self.events += 1;
         let time = event.envelope.time.as_ref().map(timestamp_ms);
+        if let (Some(t), false) = (time, event.event_type.is_command()) {
+            self.last_progress_ms = Some(self.last_progress_ms.map_or(t, |p| p.max(t)));
+        }
         let Some(payload) = event.payload() else {
             return;
         };
         match payload {
+            // The first request is the release: a second one with the same release id can't
+            // change a release in flight.
+            Payload::ReleaseRequested(_) if self.spec.is_some() => self.duplicate_request = true,
             Payload::ReleaseRequested(r) => {
                 self.spec = r.spec.clone();
                 self.actor = event.envelope.actor.clone();
                 self.requested_at_ms = time;
+                if let Some(t) = time {
+                    self.last_progress_ms = Some(self.last_progress_ms.map_or(t, |p| p.max(t)));
+                }
             }
             Payload::RollbackRequested(r) => {
                 self.rollback_request = Some(r.clone());
@@ -193,12 +215,17 @@ impl ReleaseState {
                 self.strategy = Strategy::try_from(d.strategy).ok();
                 self.previous_revision = non_empty(&d.previous_revision);
                 self.previous_image = non_empty(&d.previous_image);
+                self.replicas = Some(d.replicas);
                 self.mark_started(time);
             }
             Payload::DeployStepStarted(s) => {
                 self.deploy_started = true;
                 self.cluster_changed = true;
                 self.steps_started.insert(s.step, s.weight);
+                if let Some(t) = time {
+                    let first = self.step_started_ms.entry(s.step).or_insert(t);
+                    *first = (*first).min(t);
+                }
             }
             Payload::DeployStepReady(s) => {
                 self.steps_started.entry(s.step).or_insert(s.weight);
@@ -218,11 +245,15 @@ impl ReleaseState {
                 if let Some(t) = time {
                     let first = self.first_pause_ms.entry(p.step).or_insert(t);
                     *first = (*first).min(t);
+                    self.pause_times.entry(p.step).or_default().push(t);
                 }
             }
             Payload::ReleaseResumed(r) => {
                 self.resumes += 1;
                 *self.step_resumes.entry(r.step).or_default() += 1;
+                if let Some(t) = time {
+                    self.resume_times.entry(r.step).or_default().push(t);
+                }
             }
             Payload::AnalysisStarted(a) => {
                 self.analyses_started.insert(a.step);

@@ -14,7 +14,7 @@ pub mod names {
     );
     pub const EVENTS_HANDLED: (&str, &str) = (
         "baton_events_handled_total",
-        "Messages handled, by outcome (ack, retry, dead_letter)",
+        "Messages handled, by outcome (ack, deferred, retry, dead_letter, returned)",
     );
     pub const DEAD_LETTERS: (&str, &str) = (
         "baton_dead_letters_total",
@@ -31,6 +31,22 @@ pub mod names {
         "Times a consumer's message stream was re-established",
     );
     pub const UP: (&str, &str) = ("baton_up", "1 while the agent runs");
+    pub const HANDLER_PANICS: (&str, &str) = (
+        "baton_handler_panics_total",
+        "Handlers that panicked (their message was returned for redelivery)",
+    );
+    pub const HANDLER_ERRORS: (&str, &str) = (
+        "baton_handler_errors_total",
+        "Handler errors, by kind (retry, permanent) and category",
+    );
+    pub const IN_FLIGHT: (&str, &str) = (
+        "baton_messages_in_flight",
+        "Messages this agent holds now (running or queued behind another of the same key)",
+    );
+    pub const RELEASES_EXPIRED: (&str, &str) = (
+        "baton_releases_expired_total",
+        "Releases ended by the agents because they passed their deadline or lost their trigger",
+    );
 }
 
 type Labels = Vec<(String, String)>;

@@ -1,24 +1,35 @@
-//! The consumer loop every agent runs: pull from its durable consumers, decode and validate,
-//! hand the event to the agent's handler, and map the result onto JetStream:
+//! The consumer runtime every agent runs: pull from its durable consumers, decode and validate,
+//! hand each event to the agent's handler, and map the result onto JetStream:
 //!
 //! | handler result | JetStream |
 //! |---|---|
-//! | `Ok` | ack (confirmed by the server) |
-//! | still running | in-progress ack every third of the ack wait, so the message is not redelivered |
+//! | `Ok(Handled::Done)` | ack (confirmed by the server) |
+//! | `Ok(Handled::Later(d))` | nak with delay `d`: the same message comes back then (a timer) |
+//! | still running, or queued behind another message of its key | in-progress ack every third of the ack wait |
 //! | `Err(Retry)` | nak with a growing, jittered delay; after the last allowed delivery, dead letter |
 //! | `Err(Permanent)`, or bytes that are not a valid event | dead letter with the reason, then term |
+//! | the handler panicked | reported, nak with delay (dead letter after the last delivery) |
+//!
+//! Work is keyed ([`Handler::key`], by default the release id): messages of one key run one after
+//! another in the order they arrived, messages of different keys run concurrently, at most
+//! `max_in_flight` at once per agent. A message is pulled only when a slot is free, so the bound is
+//! also the back-pressure: what the agent cannot take yet stays on the server (and each consumer's
+//! `max_ack_pending` bounds it there). One release's slow or panicking handler never holds another.
 //!
 //! A dead letter is published (and acknowledged by the DLQ stream) before the original is
 //! terminated, so nothing is lost if the agent dies in between: the original is redelivered.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage, AckKind};
 use async_nats::HeaderMap;
 use futures::future::BoxFuture;
 use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::bus::Bus;
@@ -32,28 +43,112 @@ use baton_proto::v1::envelope::Payload;
 
 /// The largest part of an original message kept in a dead letter.
 pub const DLQ_MAX_ORIGINAL: usize = 512 * 1024;
-/// How long work in hand may go on after a shutdown signal before it is nak'ed.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// Messages one agent holds at once, by default (`--max-in-flight`).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// How long an agent takes to stop after SIGTERM, by default (`--shutdown-grace`).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+/// The most messages asked for in one pull request.
+const MAX_BATCH: usize = 64;
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// The server's heartbeat on an open pull request: a broker that has gone is noticed in seconds.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Any one ack, nak or term on the wire; the broker may be gone at shutdown.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Why a handler did not finish its work.
+/// The bounds an agent's runtime works within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Messages held at once (running, or queued behind another of their key).
+    pub max_in_flight: usize,
+    /// From SIGTERM to exit: handlers get most of it, the rest returns their messages.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl Limits {
+    /// How long work in hand may go on after a shutdown signal before it is returned: the grace
+    /// less what returning the messages and closing the connection may take.
+    pub fn handler_grace(&self) -> Duration {
+        self.shutdown_grace
+            .saturating_sub(Duration::from_secs(5))
+            .max(self.shutdown_grace / 2)
+    }
+}
+
+/// Why a handler did not finish its work: what the runtime must do (retry, or give up), and a
+/// category for metrics (`baton_handler_errors_total{category=…}`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandlerError {
     /// Trying again later may work (the cluster or broker is briefly unavailable).
-    #[error("{0}")]
-    Retry(String),
+    #[error("{reason}")]
+    Retry {
+        category: &'static str,
+        reason: String,
+    },
     /// This message can never be handled: dead-letter it with the reason.
-    #[error("{0}")]
-    Permanent(String),
+    #[error("{reason}")]
+    Permanent {
+        category: &'static str,
+        reason: String,
+    },
+}
+
+impl HandlerError {
+    pub fn retry(category: &'static str, reason: impl Into<String>) -> Self {
+        HandlerError::Retry {
+            category,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn permanent(category: &'static str, reason: impl Into<String>) -> Self {
+        HandlerError::Permanent {
+            category,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn category(&self) -> &'static str {
+        match self {
+            HandlerError::Retry { category, .. } | HandlerError::Permanent { category, .. } => {
+                category
+            }
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, HandlerError::Retry { .. })
+    }
 }
 
 impl From<Error> for HandlerError {
     fn from(e: Error) -> Self {
+        let category = e.category();
         if e.is_retryable() {
-            HandlerError::Retry(e.to_string())
+            HandlerError::retry(category, e.to_string())
         } else {
-            HandlerError::Permanent(e.to_string())
+            HandlerError::permanent(category, e.to_string())
         }
     }
+}
+
+/// How a handler finished with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Done: acknowledge it.
+    Done,
+    /// Nothing to do until then (a timed pause, a deadline): the message comes back after this
+    /// long, from the server, so a restart keeps the timer.
+    Later(Duration),
 }
 
 /// One delivery of a valid event.
@@ -73,7 +168,26 @@ pub trait Handler: Send + Sync + 'static {
         &'a self,
         ctx: &'a AgentContext,
         delivery: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>>;
+
+    /// Messages of one key are handled one after another, in order; of different keys,
+    /// concurrently. By default a key is a release.
+    fn key(&self, delivery: &Delivery) -> String {
+        delivery.subject.release_id.to_string()
+    }
+
+    /// Called after `delivery` was dead-lettered (refused, retries exhausted, or the handler
+    /// panicked on its last delivery) with the reason: the release it belongs to lost a trigger,
+    /// so the agent tells it in an event of its own (e.g. `deploy.failed`), and the release ends
+    /// instead of waiting forever. By default nothing.
+    fn on_dead_letter<'a>(
+        &'a self,
+        _ctx: &'a AgentContext,
+        _delivery: &'a Delivery,
+        _reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// What handlers get besides the event: the bus, metrics and the shutdown signal.
@@ -85,6 +199,7 @@ pub struct AgentContext {
     pub bus: Bus,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
+    pub limits: Limits,
 }
 
 impl AgentContext {
@@ -146,14 +261,438 @@ impl AgentContext {
         let state = crate::fold::fold(&events);
         Ok((events, state))
     }
+
+    /// As [`release_state`](Self::release_state), but of at most the release's first
+    /// [`MAX_EVENTS_PER_RELEASE`](crate::bus::MAX_EVENTS_PER_RELEASE) events — for ending a
+    /// release whose history is too long to be read whole.
+    pub async fn release_state_bounded(
+        &self,
+        release_id: crate::names::ReleaseId,
+    ) -> Result<(Vec<Event>, crate::fold::ReleaseState)> {
+        let (events, _) = self
+            .bus
+            .release_history_head(release_id, crate::bus::MAX_EVENTS_PER_RELEASE)
+            .await?;
+        let state = crate::fold::fold(&events);
+        Ok((events, state))
+    }
 }
 
-/// Runs one consumer until shutdown. Re-establishes its message stream after errors (a broker
-/// restart, a deleted and re-created consumer) with back-off, without restarting the agent.
-pub async fn run_consumer(ctx: AgentContext, def: ConsumerDef, handler: Arc<dyn Handler>) {
+/// A consumer's settings the runtime needs for every message of it.
+struct ConsumerSettings {
+    durable: String,
+    ack_wait: Duration,
+    max_deliver: i64,
+}
+
+/// A message taken from a consumer, with its slot, waiting for or in its handler.
+struct Job {
+    work: Work,
+    message: jetstream::Message,
+    consumer: Arc<ConsumerSettings>,
+    /// Stops the in-progress acks when the job is over.
+    keepalive: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What a job is: a valid event for the handler, or a message to dead-letter.
+enum Work {
+    Valid(Box<Delivery>),
+    Invalid { reason: String, delivered: i64 },
+}
+
+/// Runs jobs serially per key and concurrently across keys, and owns every task it starts.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<ExecutorInner>,
+}
+
+struct ExecutorInner {
+    ctx: AgentContext,
+    handler: Arc<dyn Handler>,
+    permits: Arc<Semaphore>,
+    /// Keys with a worker running, and the jobs queued behind the one it runs.
+    queues: Mutex<HashMap<String, VecDeque<Job>>>,
+    tasks: TaskTracker,
+}
+
+impl Executor {
+    pub fn new(ctx: AgentContext, handler: Arc<dyn Handler>) -> Executor {
+        let permits = Arc::new(Semaphore::new(ctx.limits.max_in_flight.max(1)));
+        Executor {
+            inner: Arc::new(ExecutorInner {
+                ctx,
+                handler,
+                permits,
+                queues: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    fn ctx(&self) -> &AgentContext {
+        &self.inner.ctx
+    }
+
+    /// Waits until every task of the executor has ended (after shutdown, each ends within the
+    /// handler grace), or `timeout`. False when some were still running.
+    pub async fn join(&self, timeout: Duration) -> bool {
+        self.inner.tasks.close();
+        tokio::time::timeout(timeout, self.inner.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ctx()
+            .limits
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.inner.permits.available_permits())
+    }
+
+    /// Takes a message pulled with `permit`: invalid ones are dead-lettered, valid ones queued
+    /// behind their key.
+    fn receive(
+        &self,
+        consumer: &Arc<ConsumerSettings>,
+        message: jetstream::Message,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let ctx = self.ctx();
+        ctx.metrics
+            .inc(names::EVENTS_RECEIVED, &[("consumer", &consumer.durable)]);
+        let (stream_sequence, delivered) = message
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered))
+            .unwrap_or((0, 1));
+        let subject = message.subject.to_string();
+        let parsed = EventSubject::parse(&subject)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                Event::decode(
+                    &message.payload,
+                    Some(s.event_type),
+                    Some(&s.release_id.to_string()),
+                )
+                .map(|event| (s, event))
+                .map_err(|e| e.to_string())
+            });
+        let (subject_parts, event) = match parsed {
+            Ok(p) => p,
+            Err(reason) => {
+                tracing::warn!(%subject, stream_sequence, %reason, "invalid message");
+                // In order behind the other messages of its release, when the subject names one.
+                let key = subject
+                    .split('.')
+                    .nth(5)
+                    .map_or_else(|| "<invalid>".to_owned(), str::to_owned);
+                self.enqueue(
+                    key,
+                    Job {
+                        work: Work::Invalid { reason, delivered },
+                        message,
+                        consumer: consumer.clone(),
+                        keepalive: CancellationToken::new(),
+                        _permit: permit,
+                    },
+                );
+                return;
+            }
+        };
+        let delivery = Delivery {
+            event,
+            subject: subject_parts,
+            consumer: consumer.durable.clone(),
+            stream_sequence,
+            delivered,
+        };
+        let keepalive = CancellationToken::new();
+        self.inner.tasks.spawn(keep_alive(
+            message.clone(),
+            consumer.ack_wait,
+            keepalive.clone(),
+        ));
+        let key = self.inner.handler.key(&delivery);
+        self.enqueue(
+            key,
+            Job {
+                work: Work::Valid(Box::new(delivery)),
+                message,
+                consumer: consumer.clone(),
+                keepalive,
+                _permit: permit,
+            },
+        );
+    }
+
+    /// Queues `job` behind its key, or starts the key's worker.
+    fn enqueue(&self, key: String, job: Job) {
+        {
+            let mut queues = self
+                .inner
+                .queues
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(queue) = queues.get_mut(&key) {
+                tracing::debug!(%key, queued = queue.len() + 1, "queued behind its key");
+                queue.push_back(job);
+                return;
+            }
+            queues.insert(key.clone(), VecDeque::new());
+        }
+        let this = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { this.work(key, job).await });
+        let ctx = self.ctx();
+        ctx.metrics.set(
+            names::IN_FLIGHT,
+            &[("agent", ctx.role.as_str())],
+            self.in_flight() as f64,
+        );
+    }
+
+    /// The worker of one key: runs its jobs in order until none is left.
+    async fn work(self, key: String, first: Job) {
+        let mut job = first;
+        loop {
+            self.run(job).await;
+            let next = {
+                let mut queues = self
+                    .inner
+                    .queues
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                match queues.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => Some(next),
+                    None => {
+                        queues.remove(&key);
+                        None
+                    }
+                }
+            };
+            match next {
+                Some(next) => job = next,
+                None => break,
+            }
+        }
+        let ctx = self.ctx();
+        ctx.metrics.set(
+            names::IN_FLIGHT,
+            &[("agent", ctx.role.as_str())],
+            self.in_flight() as f64,
+        );
+    }
+
+    /// Runs one job's handler in a task of its own (so a panic is contained), and settles its
+    /// message.
+    async fn run(&self, job: Job) {
+        let ctx = self.ctx().clone();
+        let durable = job.consumer.durable.clone();
+        let delivery = match &job.work {
+            Work::Valid(d) => (**d).clone(),
+            Work::Invalid { reason, delivered } => {
+                dead_letter(&ctx, &durable, &job.message, "invalid", reason, *delivered).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "handle",
+            consumer = %durable,
+            event_id = %delivery.event.id(),
+            release_id = %delivery.event.release_id,
+            subject = %delivery.subject,
+            event_type = %delivery.event.event_type,
+            delivered = delivery.delivered,
+        );
+        let result = if ctx.shutdown.is_cancelled() {
+            None
+        } else {
+            let handler = self.inner.handler.clone();
+            let task_ctx = ctx.clone();
+            let delivery = delivery.clone();
+            let started = Instant::now();
+            let mut task = tokio::spawn(
+                async move { handler.handle(&task_ctx, delivery).await }.instrument(span.clone()),
+            );
+            let grace = async {
+                ctx.shutdown.cancelled().await;
+                tokio::time::sleep(ctx.limits.handler_grace()).await;
+            };
+            let outcome = tokio::select! {
+                r = &mut task => Some(r),
+                _ = grace => {
+                    task.abort();
+                    None
+                }
+            };
+            ctx.metrics.observe(
+                names::HANDLER_SECONDS,
+                &[("consumer", &durable)],
+                started.elapsed(),
+            );
+            outcome
+        };
+        job.keepalive.cancel();
+        settle(&ctx, self.inner.handler.as_ref(), &job, &delivery, result)
+            .instrument(span)
+            .await;
+    }
+}
+
+/// Keeps a message from being redelivered while it is held: an in-progress ack every third of
+/// the ack wait until `done`.
+async fn keep_alive(message: jetstream::Message, ack_wait: Duration, done: CancellationToken) {
+    let period = (ack_wait / 3).max(Duration::from_millis(500));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = ticker.tick() => {
+                match tokio::time::timeout(ACK_TIMEOUT, message.ack_with(AckKind::Progress)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "in-progress ack failed"),
+                    Err(_) => tracing::warn!("in-progress ack timed out"),
+                }
+            }
+        }
+    }
+}
+
+/// Sends one ack of any kind, bounded in time (the broker may be gone).
+async fn send_ack(message: &jetstream::Message, kind: AckKind) {
+    match tokio::time::timeout(ACK_TIMEOUT, message.ack_with(kind)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
+        Err(_) => tracing::warn!("ack timed out; the message will be redelivered"),
+    }
+}
+
+/// Maps a handler's result onto JetStream. `None`: the handler did not run or was stopped by
+/// shutdown.
+async fn settle(
+    ctx: &AgentContext,
+    handler: &dyn Handler,
+    job: &Job,
+    delivery: &Delivery,
+    result: Option<std::result::Result<Result<Handled, HandlerError>, tokio::task::JoinError>>,
+) {
+    let durable = job.consumer.durable.as_str();
+    let message = &job.message;
+    let delivered = delivery.delivered;
+    let max_deliver = job.consumer.max_deliver;
+    let last_delivery = max_deliver > 0 && delivered >= max_deliver;
+    let outcome = |o: &str| {
+        ctx.metrics.inc(
+            names::EVENTS_HANDLED,
+            &[("consumer", durable), ("outcome", o)],
+        )
+    };
+    match result {
+        Some(Ok(Ok(Handled::Done))) => {
+            match tokio::time::timeout(ACK_TIMEOUT * 2, message.double_ack()).await {
+                Ok(Ok(())) => {
+                    outcome("ack");
+                    tracing::debug!("handled");
+                }
+                // The message will be redelivered and handled again: handlers are idempotent.
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "ack failed; the message will be redelivered")
+                }
+                Err(_) => tracing::warn!("ack timed out; the message will be redelivered"),
+            }
+        }
+        Some(Ok(Ok(Handled::Later(after)))) => {
+            tracing::debug!(
+                after_ms = after.as_millis() as u64,
+                "nothing to do yet; back later"
+            );
+            outcome("deferred");
+            send_ack(message, AckKind::Nak(Some(after))).await;
+        }
+        Some(Ok(Err(e))) => {
+            let kind = if e.is_retryable() {
+                "retry"
+            } else {
+                "permanent"
+            };
+            ctx.metrics.inc(
+                names::HANDLER_ERRORS,
+                &[
+                    ("consumer", durable),
+                    ("kind", kind),
+                    ("category", e.category()),
+                ],
+            );
+            match e {
+                HandlerError::Retry { reason, .. } if last_delivery => {
+                    let reason = format!("gave up after {delivered} deliveries: {reason}");
+                    if dead_letter(
+                        ctx,
+                        durable,
+                        message,
+                        "retries_exhausted",
+                        &reason,
+                        delivered,
+                    )
+                    .await
+                    {
+                        handler.on_dead_letter(ctx, delivery, &reason).await;
+                    }
+                }
+                HandlerError::Retry { reason, .. } => {
+                    let delay = crate::retry::redelivery_delay(delivered);
+                    tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler will retry");
+                    outcome("retry");
+                    send_ack(message, AckKind::Nak(Some(delay))).await;
+                }
+                HandlerError::Permanent { reason, .. } => {
+                    tracing::warn!(%reason, "handler refused the event");
+                    if dead_letter(ctx, durable, message, "rejected", &reason, delivered).await {
+                        handler.on_dead_letter(ctx, delivery, &reason).await;
+                    }
+                }
+            }
+        }
+        Some(Err(join)) => {
+            let reason = if join.is_panic() {
+                ctx.metrics
+                    .inc(names::HANDLER_PANICS, &[("consumer", durable)]);
+                "the handler panicked".to_owned()
+            } else {
+                "the handler was cancelled".to_owned()
+            };
+            tracing::error!(%reason, "handler did not finish");
+            if last_delivery {
+                let reason = format!("gave up after {delivered} deliveries: {reason}");
+                if dead_letter(ctx, durable, message, "panicked", &reason, delivered).await {
+                    handler.on_dead_letter(ctx, delivery, &reason).await;
+                }
+            } else {
+                outcome("retry");
+                send_ack(
+                    message,
+                    AckKind::Nak(Some(crate::retry::redelivery_delay(delivered))),
+                )
+                .await;
+            }
+        }
+        None => {
+            tracing::info!("shutting down with work in hand; returning it for redelivery");
+            outcome("returned");
+            send_ack(message, AckKind::Nak(None)).await;
+        }
+    }
+}
+
+/// Runs one consumer until shutdown, feeding `executor`. Re-establishes its pull after errors (a
+/// broker restart, a deleted and re-created consumer) with back-off, without restarting the agent.
+pub async fn run_consumer_with(executor: Executor, def: ConsumerDef) {
+    let ctx = executor.ctx().clone();
     let mut failures: u32 = 0;
     while !ctx.shutdown.is_cancelled() {
-        match consume(&ctx, &def, handler.as_ref()).await {
+        match consume(&executor, &def, &mut failures).await {
             Ok(()) => break,
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -173,7 +712,14 @@ pub async fn run_consumer(ctx: AgentContext, def: ConsumerDef, handler: Arc<dyn 
     tracing::info!(consumer = %def.durable, "consumer stopped");
 }
 
-async fn consume(ctx: &AgentContext, def: &ConsumerDef, handler: &dyn Handler) -> Result<()> {
+/// Runs one consumer with an executor of its own, until shutdown; returns when its work in hand
+/// is settled (or the shutdown grace is over).
+pub async fn run_consumer(ctx: AgentContext, def: ConsumerDef, handler: Arc<dyn Handler>) {
+    run_consumers(ctx, vec![def], handler).await
+}
+
+async fn consume(executor: &Executor, def: &ConsumerDef, failures: &mut u32) -> Result<()> {
+    let ctx = executor.ctx();
     let err = |message: String| Error::Consumer {
         stream: def.stream.clone(),
         consumer: def.durable.clone(),
@@ -189,159 +735,69 @@ async fn consume(ctx: &AgentContext, def: &ConsumerDef, handler: &dyn Handler) -
         .get_consumer(&def.durable)
         .await
         .map_err(|e| err(e.to_string()))?;
-    let ack_wait = consumer.cached_info().config.ack_wait;
-    let max_deliver = consumer.cached_info().config.max_deliver;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1)
-        .heartbeat(Duration::from_secs(2))
-        .expires(Duration::from_secs(10))
-        .messages()
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    let settings = Arc::new(ConsumerSettings {
+        durable: def.durable.clone(),
+        ack_wait: consumer.cached_info().config.ack_wait,
+        max_deliver: consumer.cached_info().config.max_deliver,
+    });
     tracing::info!(consumer = %def.durable, "consuming");
     loop {
-        let next = tokio::select! {
+        // A slot first: a message is never taken before the agent can hold it.
+        let first = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            next = messages.next() => next,
+            p = executor.inner.permits.clone().acquire_owned() => {
+                p.map_err(|e| err(e.to_string()))?
+            }
         };
-        let message = match next {
-            None => return Err(err("message stream ended".into())),
-            Some(Err(e)) => return Err(err(e.to_string())),
-            Some(Ok(m)) => m,
-        };
-        process(ctx, def, handler, message, ack_wait, max_deliver).await;
-    }
-}
-
-async fn process(
-    ctx: &AgentContext,
-    def: &ConsumerDef,
-    handler: &dyn Handler,
-    message: jetstream::Message,
-    ack_wait: Duration,
-    max_deliver: i64,
-) {
-    ctx.metrics
-        .inc(names::EVENTS_RECEIVED, &[("consumer", &def.durable)]);
-    let (stream_sequence, delivered) = message
-        .info()
-        .map(|i| (i.stream_sequence, i.delivered))
-        .unwrap_or((0, 1));
-    let subject = message.subject.to_string();
-    let parsed = EventSubject::parse(&subject)
-        .map_err(|e| e.to_string())
-        .and_then(|s| {
-            Event::decode(
-                &message.payload,
-                Some(s.event_type),
-                Some(&s.release_id.to_string()),
-            )
-            .map(|event| (s, event))
-            .map_err(|e| e.to_string())
-        });
-    let (subject_parts, event) = match parsed {
-        Ok(p) => p,
-        Err(reason) => {
-            tracing::warn!(%subject, stream_sequence, %reason, "invalid message");
-            dead_letter(ctx, def, &message, "invalid", &reason, delivered).await;
-            return;
-        }
-    };
-    let span = tracing::info_span!(
-        "handle",
-        consumer = %def.durable,
-        event_id = %event.id(),
-        release_id = %event.release_id,
-        subject = %subject,
-        event_type = %event.event_type,
-        delivered,
-    );
-    let delivery = Delivery {
-        event,
-        subject: subject_parts,
-        consumer: def.durable.clone(),
-        stream_sequence,
-        delivered,
-    };
-    async {
-        let started = Instant::now();
-        let result = run_with_progress(ctx, handler, delivery, &message, ack_wait).await;
-        ctx.metrics.observe(names::HANDLER_SECONDS, &[("consumer", &def.durable)], started.elapsed());
-        match result {
-            Some(Ok(())) => match message.double_ack().await {
-                Ok(()) => {
-                    ctx.metrics.inc(names::EVENTS_HANDLED, &[("consumer", &def.durable), ("outcome", "ack")]);
-                    tracing::debug!("handled");
-                }
-                // The message will be redelivered and handled again: handlers are idempotent.
-                Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
-            },
-            Some(Err(HandlerError::Retry(reason))) if max_deliver > 0 && delivered >= max_deliver => {
-                let reason = format!("gave up after {delivered} deliveries: {reason}");
-                dead_letter(ctx, def, &message, "retries_exhausted", &reason, delivered).await;
-            }
-            Some(Err(HandlerError::Retry(reason))) => {
-                let delay = crate::retry::redelivery_delay(delivered);
-                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler will retry");
-                ctx.metrics.inc(names::EVENTS_HANDLED, &[("consumer", &def.durable), ("outcome", "retry")]);
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-            }
-            Some(Err(HandlerError::Permanent(reason))) => {
-                tracing::warn!(%reason, "handler refused the event");
-                dead_letter(ctx, def, &message, "rejected", &reason, delivered).await;
-            }
-            None => {
-                tracing::info!("shutting down with work in hand; returning it for redelivery");
-                let _ = message.ack_with(AckKind::Nak(None)).await;
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match executor.inner.permits.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
             }
         }
-    }
-    .instrument(span)
-    .await;
-}
-
-/// Runs the handler, sending in-progress acks while it works. `None` when shutdown interrupted
-/// it after the grace period.
-async fn run_with_progress(
-    ctx: &AgentContext,
-    handler: &dyn Handler,
-    delivery: Delivery,
-    message: &jetstream::Message,
-    ack_wait: Duration,
-) -> Option<Result<(), HandlerError>> {
-    let period = (ack_wait / 3).max(Duration::from_millis(500));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let work = handler.handle(ctx, delivery);
-    tokio::pin!(work);
-    let grace = async {
-        ctx.shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            result = &mut work => return Some(result),
-            _ = ticker.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %e, "in-progress ack failed");
+        let mut batch = consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        loop {
+            let next = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                next = batch.next() => next,
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => return Err(err(e.to_string())),
+                Some(Ok(message)) => {
+                    *failures = 0;
+                    let Some(permit) = permits.pop() else {
+                        // More than asked for: leave it to the ack wait (never happens with a
+                        // conforming server).
+                        tracing::warn!(consumer = %def.durable, "more messages than requested");
+                        continue;
+                    };
+                    executor.receive(&settings, message, permit);
                 }
             }
-            _ = &mut grace => return None,
         }
     }
 }
 
 /// Publishes a message to the agent's dead-letter subject with the reason, then terminates it.
 /// If the dead letter cannot be stored, the original is nak'ed instead, so it is never lost.
+/// True when the dead letter is stored.
 async fn dead_letter(
     ctx: &AgentContext,
-    def: &ConsumerDef,
+    durable: &str,
     message: &jetstream::Message,
     kind: &str,
     reason: &str,
     delivered: i64,
-) {
+) -> bool {
     let info = message.info().ok();
     let (stream, sequence) = info
         .as_ref()
@@ -351,7 +807,7 @@ async fn dead_letter(
     headers.insert("Baton-Dlq-Reason", header_value(reason).as_str());
     headers.insert("Baton-Dlq-Kind", kind);
     headers.insert("Baton-Dlq-Agent", ctx.role.as_str());
-    headers.insert("Baton-Dlq-Consumer", def.durable.as_str());
+    headers.insert("Baton-Dlq-Consumer", durable);
     headers.insert(
         "Baton-Original-Subject",
         header_value(&message.subject).as_str(),
@@ -368,29 +824,33 @@ async fn dead_letter(
     let publish = PublishMessage::build()
         .payload(payload)
         .headers(headers)
-        .message_id(format!("dlq:{}:{stream}:{sequence}", def.durable));
+        .message_id(format!("dlq:{durable}:{stream}:{sequence}"));
     match ctx.bus.publish_raw(&dlq_subject, publish).await {
         Ok(_) => {
             ctx.metrics.inc(
                 names::DEAD_LETTERS,
-                &[("consumer", &def.durable), ("kind", kind)],
+                &[("consumer", durable), ("kind", kind)],
             );
             ctx.metrics.inc(
                 names::EVENTS_HANDLED,
-                &[("consumer", &def.durable), ("outcome", "dead_letter")],
+                &[("consumer", durable), ("outcome", "dead_letter")],
             );
             tracing::warn!(dlq = %dlq_subject, %reason, "dead-lettered");
-            if let Err(e) = message.double_ack_with(AckKind::Term).await {
-                tracing::warn!(error = %e, "term failed after dead-lettering; a redelivery will be dead-lettered again (same id)");
+            match tokio::time::timeout(ACK_TIMEOUT * 2, message.double_ack_with(AckKind::Term)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "term failed after dead-lettering; a redelivery will be dead-lettered again (same id)"),
+                Err(_) => tracing::warn!("term timed out after dead-lettering; a redelivery will be dead-lettered again (same id)"),
             }
+            true
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot store the dead letter; returning the message for redelivery");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(crate::retry::redelivery_delay(
-                    delivered,
-                ))))
-                .await;
+            send_ack(
+                message,
+                AckKind::Nak(Some(crate::retry::redelivery_delay(delivered))),
+            )
+            .await;
+            false
         }
     }
 }
@@ -404,13 +864,20 @@ fn header_value(s: &str) -> String {
     one_line.chars().take(1024).collect()
 }
 
-/// Runs every consumer of an agent until shutdown.
+/// Runs every consumer of an agent until shutdown, through one executor (so the messages of one
+/// release are in order across consumers); returns when the work in hand is settled, or the
+/// shutdown grace is over.
 pub async fn run_consumers(ctx: AgentContext, defs: Vec<ConsumerDef>, handler: Arc<dyn Handler>) {
-    let mut tasks = tokio::task::JoinSet::new();
+    let grace = ctx.limits.shutdown_grace;
+    let executor = Executor::new(ctx, handler);
+    let mut pulls = tokio::task::JoinSet::new();
     for def in defs {
-        tasks.spawn(run_consumer(ctx.clone(), def, handler.clone()));
+        pulls.spawn(run_consumer_with(executor.clone(), def));
     }
-    while tasks.join_next().await.is_some() {}
+    while pulls.join_next().await.is_some() {}
+    if !executor.join(grace).await {
+        tracing::warn!("work in hand did not settle within the shutdown grace");
+    }
 }
 
 /// A handler that only takes delivery: the event arrived, decoded and valid, and is acknowledged.
@@ -423,10 +890,10 @@ impl Handler for ReceiveOnly {
         &'a self,
         _ctx: &'a AgentContext,
         delivery: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>> {
         Box::pin(async move {
             tracing::info!(seq = delivery.stream_sequence, "event received");
-            Ok(())
+            Ok(Handled::Done)
         })
     }
 }

@@ -33,6 +33,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use baton_core::bluegreen::{
     annotation, clear_marks, deployment_name, merge_params, preview_name, release_colour,
@@ -265,6 +266,11 @@ pub async fn step(ctx: &StepCtx<'_>, step: u32, _last: bool) -> Result<StepOutco
     }
 }
 
+/// The fence before a write of a step.
+async fn fence(ctx: &StepCtx<'_>, what: &str) -> std::result::Result<(), Stop> {
+    ctx.fence.check(what).await.map_err(Stop::Error)
+}
+
 /// The ready pods of a followed colour; a colour without any (scaled to 0) cannot take traffic.
 fn ready(outcome: StepOutcome, name: &str) -> std::result::Result<Vec<PodRef>, Stop> {
     match outcome {
@@ -347,6 +353,7 @@ async fn preview(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
         .unwrap_or(ctx.replicas.max(1));
     let (selector, template) = (&current.spec.selector, &current.spec.template);
     // A scale-down scheduled on this colour by an earlier release must not hit the new pods.
+    fence(ctx, &format!("deploying Deployment {new_name}")).await?;
     clear_marks(ctx.client, ns, &new_name).await.map_err(write(
         &format!("Deployment {new_name} (unscheduling its scale-down)"),
         ns,
@@ -379,6 +386,7 @@ async fn preview(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
             ns,
         ))?;
     let preview = preview_name(app);
+    fence(ctx, &format!("applying Service {preview}")).await?;
     let preview_service = json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -414,6 +422,7 @@ async fn switch(ctx: &StepCtx<'_>) -> std::result::Result<Vec<PodRef>, Stop> {
     let pods = ready(steps::follow(ctx, &name).await?, &name)?;
     if routing.active != Some(new) {
         tracing::info!(colour = %new, "switching the Service");
+        fence(ctx, &format!("switching Service {app} to {new}")).await?;
         set_selector(ctx.client, ns, app, &routing.selecting(new))
             .await
             .map_err(write(&format!("Service {app} (switching it to {new})"), ns))?;
@@ -442,6 +451,7 @@ async fn adopt(ctx: &StepCtx<'_>, routing: &Routing) -> std::result::Result<(), 
     let blue = deployment_name(app, Colour::Blue);
     tracing::info!(deployment = app, into = %blue, "adopting the plain Deployment");
     // Recorded first, so a restarted deployer knows to finish the hand-over.
+    fence(ctx, &format!("adopting Deployment {app}")).await?;
     deployments
         .patch(
             app,
@@ -484,6 +494,7 @@ async fn adopt(ctx: &StepCtx<'_>, routing: &Routing) -> std::result::Result<(), 
             )
         }
     }
+    fence(ctx, &format!("switching Service {app} to blue")).await?;
     set_selector(ctx.client, ns, app, &routing.selecting(Colour::Blue))
         .await
         .map_err(write(&format!("Service {app} (switching it to blue)"), ns))?;
@@ -505,6 +516,7 @@ async fn finish_adoption(ctx: &StepCtx<'_>) -> std::result::Result<(), Stop> {
     let replicas = plain.spec.replicas.unwrap_or(1);
     if annotation(&plain, ADOPTED_INTO).is_some() && replicas > 0 {
         tracing::info!(deployment = app, "scaling the adopted Deployment to 0");
+        fence(ctx, &format!("scaling Deployment {app} to 0")).await?;
         deployments
             .patch(
                 app,
@@ -544,6 +556,7 @@ pub async fn after_success(
     release_id: &str,
     succeeded_ms: i64,
     shutdown: &CancellationToken,
+    timers: &TaskTracker,
 ) -> Result<()> {
     let ns = spec.namespace.as_str();
     let app = spec.app.as_str();
@@ -606,7 +619,7 @@ pub async fn after_success(
         app.to_owned(),
         shutdown.clone(),
     );
-    tokio::spawn(async move {
+    timers.spawn(async move {
         let mut due = deadline;
         let mut attempts = 0;
         loop {
@@ -757,9 +770,9 @@ pub async fn scale_down_due(client: &Client, ns: &str, app: &str) -> Result<Opti
 /// Runs forever: does the scale-downs that are due in every namespace, at start (those whose
 /// timer died with an earlier deployer process), then when the next one is due, and at least
 /// every half minute. Lists the colour Deployments cluster-wide.
-pub async fn sweep(client: Client) {
+pub async fn sweep(client: Client, shutdown: CancellationToken) {
     let mut warned = false;
-    loop {
+    while !shutdown.is_cancelled() {
         let next = match sweep_once(&client).await {
             Ok(next) => next,
             // Said once: without the right to list Deployments cluster-wide it fails every time.
@@ -777,7 +790,10 @@ pub async fn sweep(client: Client) {
             .map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64))
             .unwrap_or(SWEEP_INTERVAL)
             .min(SWEEP_INTERVAL);
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 

@@ -94,6 +94,7 @@ pub async fn step(ctx: &StepCtx<'_>, weight: u32, last: bool) -> Result<StepOutc
 async fn promote(ctx: &StepCtx<'_>) -> Result<StepOutcome> {
     let outcome = steps::rolling(ctx, &ctx.spec.app, Some("0")).await?;
     if let StepOutcome::Ready(_) = &outcome {
+        ctx.fence.check("removing the canary").await?;
         workload::remove_canary(
             ctx.client,
             &ctx.spec.namespace,
@@ -114,6 +115,7 @@ async fn apply<K>(ctx: &StepCtx<'_>, api: Api<K>, name: &str, object: &Value) ->
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
+    ctx.fence.check(&format!("applying {name}")).await?;
     api.patch(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),

@@ -8,8 +8,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error(transparent)]
     Bus(#[from] baton_core::error::Error),
-    #[error("lock {key}: {message}")]
-    Lock { key: String, message: String },
+    #[error(transparent)]
+    Lock(#[from] baton_core::lock::LockError),
     #[error("reading {what} in namespace {namespace}: {source}")]
     Read {
         what: String,
@@ -37,15 +37,60 @@ pub enum Error {
     Rollout(#[from] baton_core::rollout::WaitError),
     #[error("release {release_id} has no spec (no release.requested in its history)")]
     NoSpec { release_id: String },
+    /// The fence closed before a write: the release no longer owns the workload.
+    #[error("not {what}: {reason}")]
+    Fenced { what: String, reason: String },
+}
+
+impl Error {
+    /// A short, stable word for what failed, used as a metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Bus(e) => e.category(),
+            Error::Lock(_) => "lock",
+            Error::Read { .. } => "kube_read",
+            Error::Write { .. } | Error::PatchDeployment { .. } => "kube_write",
+            Error::Encode { .. } => "encode",
+            Error::Rollout(_) => "rollout",
+            Error::NoSpec { .. } => "no_spec",
+            Error::Fenced { .. } => "fenced",
+        }
+    }
+
+    /// The API server's refusal, when this error is one: the release cannot go on, and its
+    /// failure is a verdict (`deploy.failed` with the API's message), not a retry.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Error::Read { what, source, .. } | Error::Write { what, source, .. } => {
+                baton_core::cluster::refusal(source).map(|m| format!("{what}: {m}"))
+            }
+            Error::PatchDeployment {
+                namespace,
+                name,
+                source,
+            } => baton_core::cluster::refusal(source)
+                .map(|m| format!("applying the new image to Deployment {namespace}/{name}: {m}")),
+            Error::Rollout(baton_core::rollout::WaitError::Read { what, source, .. }) => {
+                baton_core::cluster::refusal(source).map(|m| format!("reading {what}: {m}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl From<Error> for HandlerError {
     fn from(e: Error) -> Self {
+        let category = e.category();
         match e {
             // Without a spec there is nothing to act on: the history is broken.
-            Error::NoSpec { .. } => HandlerError::Permanent(e.to_string()),
+            Error::NoSpec { .. } => HandlerError::permanent(category, e.to_string()),
+            Error::Bus(b) => HandlerError::from(b),
+            // A refusal that reached the runtime could not be told as a verdict: never retried.
+            other if other.refusal().is_some() => {
+                HandlerError::permanent(category, other.to_string())
+            }
             // Everything else is the bus or the cluster being unavailable for a moment.
-            other => HandlerError::Retry(other.to_string()),
+            other => HandlerError::retry(category, other.to_string()),
         }
     }
 }

@@ -6,21 +6,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
+use tokio_util::task::TaskTracker;
 
-use baton_core::bus::{EVENTS_STREAM, LOCKS_BUCKET};
+use baton_core::bus::LOCKS_BUCKET;
 use baton_core::event::{timestamp_ms, Event, EventType};
 use baton_core::fold::ReleaseState;
 use baton_core::ids::EventKey;
+use baton_core::lock::{self, Lock, Workload};
 use baton_core::names::{AppName, EnvName, ReleaseId};
 use baton_core::rollout;
-use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::runtime::{AgentContext, Delivery, Handled, Handler, HandlerError};
 use baton_core::subject::EventSubject;
 use baton_proto::v1::{envelope::Payload, *};
 
 use crate::cluster;
 use crate::decide::{self, Next};
 use crate::error::{Error, Result};
-use crate::lock::{self, Lock};
 use crate::steps;
 
 /// The default step timeout when the spec gives none.
@@ -28,6 +29,8 @@ const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Deployer {
     pub client: kube::Client,
+    /// The agent's supervised tasks (blue-green scale-down timers).
+    timers: TaskTracker,
     /// Releases this process is driving right now, each with a "poked" flag: a second trigger for
     /// the same release must not drive it twice at once, but must not be lost either — the
     /// driver looks at the history once more before it stops.
@@ -35,9 +38,10 @@ pub struct Deployer {
 }
 
 impl Deployer {
-    pub fn new(client: kube::Client) -> Self {
+    pub fn new(client: kube::Client, timers: TaskTracker) -> Self {
         Self {
             client,
+            timers,
             driving: Arc::default(),
         }
     }
@@ -48,8 +52,48 @@ impl Handler for Deployer {
         &'a self,
         ctx: &'a AgentContext,
         d: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>> {
         Box::pin(async move { self.on_event(ctx, d).await.map_err(HandlerError::from) })
+    }
+
+    /// A trigger of the deployer's was dead-lettered: the release cannot go on, so it fails
+    /// (`deploy.failed`, and the rollback agent restores what was changed).
+    fn on_dead_letter<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        d: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let state = match ctx.release_state_bounded(d.subject.release_id).await {
+                Ok((_, state)) => state,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the release to fail it");
+                    return;
+                }
+            };
+            if state.terminal.is_some() || state.failure.is_some() || state.spec.is_none() {
+                return;
+            }
+            let reason = format!(
+                "the deployer could not handle {} ({reason})",
+                d.event.event_type
+            );
+            if let Err(e) = self
+                .fail(
+                    ctx,
+                    &d.subject,
+                    &d.event,
+                    state.current_step().unwrap_or(0),
+                    FailureKind::Cluster,
+                    state.cluster_changed,
+                    reason,
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "cannot fail the release whose trigger was dead-lettered");
+            }
+        })
     }
 }
 
@@ -76,41 +120,34 @@ impl Drop for DrivingGuard {
 }
 
 impl Deployer {
-    async fn on_event(&self, ctx: &AgentContext, d: Delivery) -> Result<()> {
+    async fn on_event(&self, ctx: &AgentContext, d: Delivery) -> Result<Handled> {
         let (events, state) = ctx.release_state(d.subject.release_id).await?;
         if let Some(spec) = &state.spec {
             if !spec.cluster.is_empty() && spec.cluster != ctx.cluster {
                 tracing::debug!(cluster = %spec.cluster, "release of another cluster");
-                return Ok(());
+                return Ok(Handled::Done);
             }
         }
         match d.event.event_type {
-            EventType::ReleaseRequested => self.on_requested(ctx, &d, &state).await,
+            EventType::ReleaseRequested => self.on_requested(ctx, &d, &events, state).await,
             // Each of these may let the release go further: drive it as far as it goes now.
             EventType::BuildSucceeded | EventType::AnalysisPassed => {
-                if self
-                    .lock_for(ctx, &d.subject, d.subject.release_id, &state)
-                    .await?
-                    == Lock::Held
-                {
-                    self.drive(ctx, &d.subject, &d.event, &events, state)
-                        .await?;
+                if self.lock_for(ctx, d.subject.release_id, &state).await? == Lock::Held {
+                    return self.drive(ctx, &d.subject, &d.event, &events, state).await;
                 }
-                Ok(())
+                Ok(Handled::Done)
             }
-            EventType::ReleasePauseRequested => self.on_pause(ctx, &d, &state).await,
+            EventType::ReleasePauseRequested => {
+                self.on_pause(ctx, &d, &state).await?;
+                Ok(Handled::Done)
+            }
             EventType::ReleaseResumeRequested | EventType::ReleasePromoteRequested => {
                 self.on_resume_or_promote(ctx, &d, &state).await?;
                 let (events, state) = ctx.release_state(d.subject.release_id).await?;
-                if self
-                    .lock_for(ctx, &d.subject, d.subject.release_id, &state)
-                    .await?
-                    == Lock::Held
-                {
-                    self.drive(ctx, &d.subject, &d.event, &events, state)
-                        .await?;
+                if self.lock_for(ctx, d.subject.release_id, &state).await? == Lock::Held {
+                    return self.drive(ctx, &d.subject, &d.event, &events, state).await;
                 }
-                Ok(())
+                Ok(Handled::Done)
             }
             EventType::ReleaseSucceeded
             | EventType::ReleaseFailed
@@ -128,15 +165,17 @@ impl Deployer {
                         &d.subject.release_id.to_string(),
                         d.event.time_ms(),
                         &ctx.shutdown,
+                        &self.timers,
                     )
                     .await
                     {
                         tracing::warn!(error = %e, "could not schedule the old colour's scale-down");
                     }
                 }
-                self.on_ended(ctx, &d).await
+                self.on_ended(ctx, &d, &state).await?;
+                Ok(Handled::Done)
             }
-            _ => Ok(()),
+            _ => Ok(Handled::Done),
         }
     }
 
@@ -197,21 +236,28 @@ impl Deployer {
         &self,
         ctx: &AgentContext,
         d: &Delivery,
-        state: &ReleaseState,
-    ) -> Result<()> {
+        events: &[Event],
+        state: ReleaseState,
+    ) -> Result<Handled> {
         if state.terminal.is_some() {
-            return Ok(());
+            return Ok(Handled::Done);
         }
-        match self
-            .lock_for(ctx, &d.subject, d.subject.release_id, state)
-            .await?
-        {
+        let Some(spec) = &state.spec else {
+            return Ok(Handled::Done);
+        };
+        // In the workload's queue of open releases first, so that whoever ends the release
+        // holding the lock finds this one.
+        let workload = Workload::of_spec(spec, &ctx.cluster);
+        let store = ctx.bus.kv(LOCKS_BUCKET).await?;
+        lock::enqueue(&store, &workload.queue_key(), d.subject.release_id).await?;
+        match self.lock_for(ctx, d.subject.release_id, &state).await? {
             Lock::Held => {
-                tracing::info!("lock taken; the release goes ahead once built");
-                Ok(())
+                tracing::info!(%workload, "lock taken; the release goes ahead once built");
+                // Built already (the build may have been quicker than this request's handling).
+                self.drive(ctx, &d.subject, &d.event, events, state).await
             }
             Lock::HeldBy(other) => {
-                tracing::info!(blocking = %other, "another release of this app is in flight; queued");
+                tracing::info!(blocking = %other, %workload, "another release of this workload is in flight; queued");
                 ctx.emit(
                     d,
                     EventKey::Once,
@@ -220,36 +266,35 @@ impl Deployer {
                     }),
                 )
                 .await?;
-                Ok(())
+                Ok(Handled::Done)
             }
         }
     }
 
-    /// Takes the app's lock for `release`, freeing it first if its holder has already ended.
+    /// Takes the workload's lock for `release`, freeing it first if its holder has ended.
     async fn lock_for(
         &self,
         ctx: &AgentContext,
-        subject: &EventSubject,
         release: ReleaseId,
         state: &ReleaseState,
     ) -> Result<Lock> {
-        // Only a requested, unfinished release may hold the app: a stray event of a release
-        // without its request must never lock others out.
-        if state.terminal.is_some() || state.spec.is_none() {
+        // Only a requested, unfinished release may hold the workload: a stray event of a
+        // release without its request must never lock others out.
+        let Some(spec) = state.spec.as_ref().filter(|_| state.terminal.is_none()) else {
             return Ok(Lock::HeldBy(String::new()));
-        }
+        };
         let store = ctx.bus.kv(LOCKS_BUCKET).await?;
-        let key = lock::key(subject.env.as_str(), subject.app.as_str());
+        let key = Workload::of_spec(spec, &ctx.cluster).lock_key();
         match lock::acquire(&store, &key, release).await? {
             Lock::HeldBy(holder) => {
                 let ended = match ReleaseId::parse(&holder) {
-                    Ok(h) => ctx.release_state(h).await?.1.terminal.is_some(),
+                    Ok(h) => ctx.release_state_bounded(h).await?.1.terminal.is_some(),
                     Err(_) => true,
                 };
                 if ended {
                     tracing::warn!(%holder, "the lock's holder has ended; taking the lock over");
-                    lock::release_stale(&store, &key, &holder).await?;
-                    lock::acquire(&store, &key, release).await
+                    lock::release(&store, &key, &holder).await?;
+                    Ok(lock::acquire(&store, &key, release).await?)
                 } else {
                     Ok(Lock::HeldBy(holder))
                 }
@@ -267,22 +312,73 @@ impl Deployer {
         cause: &Event,
         events: &[Event],
         state: ReleaseState,
-    ) -> Result<()> {
+    ) -> Result<Handled> {
         let rid = subject.release_id;
         {
             let Ok(mut map) = self.driving.lock() else {
-                return Ok(());
+                return Ok(Handled::Done);
             };
             if let Some(poked) = map.get_mut(&rid) {
                 *poked = true;
                 tracing::debug!("already driving this release; it will look again");
-                return Ok(());
+                return Ok(Handled::Done);
             }
             map.insert(rid, false);
         }
+        match self.drive_steps(ctx, subject, cause, events, state).await {
+            // The release was taken from this deployer (aborted, failed, ended, lost its lock)
+            // while it worked: nothing more to do, and nothing was written.
+            Err(Error::Fenced { what, reason }) => {
+                tracing::info!(%what, %reason, "the release is no longer this deployer's to drive");
+                Ok(Handled::Done)
+            }
+            // The API server refused a write or a read for good: the release fails now, with
+            // the API's own words, instead of retrying what can never succeed.
+            Err(e) if e.refusal().is_some() => {
+                let reason = e.refusal().unwrap_or_default();
+                let (_, state) = ctx.release_state(rid).await?;
+                if state.failure.is_none() && state.terminal.is_none() {
+                    self.fail(
+                        ctx,
+                        subject,
+                        cause,
+                        state.current_step().unwrap_or(0),
+                        if state.deploy_started {
+                            FailureKind::Cluster
+                        } else {
+                            FailureKind::Precheck
+                        },
+                        state.cluster_changed,
+                        format!("the Kubernetes API refused it: {reason}"),
+                    )
+                    .await?;
+                }
+                Ok(Handled::Done)
+            }
+            other => other,
+        }
+    }
+
+    /// The loop of [`drive`](Self::drive), for the release this process now drives.
+    async fn drive_steps(
+        &self,
+        ctx: &AgentContext,
+        subject: &EventSubject,
+        cause: &Event,
+        events: &[Event],
+        state: ReleaseState,
+    ) -> Result<Handled> {
+        let rid = subject.release_id;
         let guard = DrivingGuard(self.driving.clone(), rid);
+        let workload = state
+            .spec
+            .as_ref()
+            .map(|s| Workload::of_spec(s, &ctx.cluster))
+            .ok_or(Error::NoSpec {
+                release_id: rid.to_string(),
+            })?;
+        let _ = events;
         let mut state = state;
-        let mut events = events.to_vec();
         loop {
             let now = SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -294,23 +390,28 @@ impl Deployer {
                 Next::Wait(why) => {
                     if !guard.take_poke() {
                         tracing::debug!(why, "nothing to do now");
-                        return Ok(());
+                        return Ok(Handled::Done);
                     }
                 }
+                // A timed pause holds nothing: the trigger comes back from the server when the
+                // pause is over (so a restarted deployer keeps the timer), and the consumer goes
+                // on with other releases meanwhile.
                 Next::WaitFor { ms } => {
                     tracing::info!(seconds = ms / 1000, "pausing");
-                    tokio::select! {
-                        _ = ctx.shutdown.cancelled() => return Err(Error::Rollout(baton_core::rollout::WaitError::Shutdown)),
-                        _ = tokio::time::sleep(Duration::from_millis(ms.clamp(0, 5_000) as u64)) => {}
-                    }
+                    return Ok(Handled::Later(Duration::from_millis(ms.max(0) as u64)));
                 }
                 Next::PreCheck => self.precheck(ctx, subject, cause, &state).await?,
                 Next::Step { step, weight, last } => {
+                    let fence = steps::Fencer {
+                        agent: ctx,
+                        release_id: rid,
+                        workload: workload.clone(),
+                    };
                     if !self
-                        .step(ctx, subject, cause, &events, &state, step, weight, last)
+                        .step(ctx, subject, cause, &state, &fence, step, weight, last)
                         .await?
                     {
-                        return Ok(());
+                        return Ok(Handled::Done);
                     }
                 }
                 Next::Gate {
@@ -346,11 +447,10 @@ impl Deployer {
                 }
                 Next::Complete => {
                     self.complete(ctx, subject, cause, &state).await?;
-                    return Ok(());
+                    return Ok(Handled::Done);
                 }
             }
-            events = ctx.bus.release_history(rid).await?;
-            state = baton_core::fold::fold(&events);
+            state = ctx.release_state(rid).await?.1;
         }
     }
 
@@ -411,8 +511,8 @@ impl Deployer {
         ctx: &AgentContext,
         subject: &EventSubject,
         cause: &Event,
-        events: &[Event],
         state: &ReleaseState,
+        fence: &steps::Fencer<'_>,
         step: u32,
         weight: u32,
         last: bool,
@@ -422,18 +522,10 @@ impl Deployer {
             release_id: rid.to_string(),
         })?;
         let strategy = decide::strategy(&spec);
-        let replicas = events
-            .iter()
-            .find_map(|e| match e.payload() {
-                Some(Payload::DeployStarted(d)) => Some(d.replicas as i32),
-                _ => None,
-            })
-            .unwrap_or(1);
-        let started_event = match events
-            .iter()
-            .find(|e| matches!(e.payload(), Some(Payload::DeployStepStarted(s)) if s.step == step))
-        {
-            Some(e) => e.clone(),
+        let replicas = state.replicas.map_or(1, |r| r as i32);
+        // The step's deadline counts from its event, so a restarted deployer keeps it.
+        let started_ms = match state.step_started_ms.get(&step) {
+            Some(ms) => *ms,
             None => {
                 let plan = if strategy == Strategy::BlueGreen {
                     crate::bluegreen::describe_live(
@@ -448,27 +540,27 @@ impl Deployer {
                     steps::describe(strategy, &spec, step, weight, last, replicas)
                 };
                 tracing::info!(step, weight, action = %plan.action, "step");
-                ctx.emit_for(
-                    subject,
-                    cause,
-                    EventKey::Step(step),
-                    Payload::DeployStepStarted(DeployStepStarted {
-                        step,
-                        weight,
-                        action: plan.action,
-                        selector: plan.selector,
-                    }),
-                )
-                .await?
+                let e = ctx
+                    .emit_for(
+                        subject,
+                        cause,
+                        EventKey::Step(step),
+                        Payload::DeployStepStarted(DeployStepStarted {
+                            step,
+                            weight,
+                            action: plan.action,
+                            selector: plan.selector,
+                        }),
+                    )
+                    .await?;
+                e.envelope.time.as_ref().map_or(0, timestamp_ms)
             }
         };
-        // The step's deadline counts from its event, so a restarted deployer keeps it.
-        let started = started_event
-            .envelope
-            .time
-            .as_ref()
-            .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_ms(t).max(0) as u64))
-            .unwrap_or_else(SystemTime::now);
+        let started = if started_ms > 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_millis(started_ms as u64)
+        } else {
+            SystemTime::now()
+        };
         let container = cluster::workload(&self.client, &spec)
             .await?
             .map(|c| c.container)
@@ -488,6 +580,7 @@ impl Deployer {
                 s => Duration::from_secs(u64::from(s)),
             },
             shutdown: &ctx.shutdown,
+            fence,
         };
         match steps::run(strategy, &step_ctx, step, weight, last).await? {
             steps::StepOutcome::Ready(pods) => {
@@ -586,65 +679,49 @@ impl Deployer {
         Ok(())
     }
 
-    /// A release ended: free its lock and start the next queued release of the app, if any.
-    async fn on_ended(&self, ctx: &AgentContext, d: &Delivery) -> Result<()> {
+    /// A release ended: free its lock, take it out of its workload's queue, and start the next
+    /// open release of the workload, if any. Reads only the workload's open releases.
+    async fn on_ended(&self, ctx: &AgentContext, d: &Delivery, state: &ReleaseState) -> Result<()> {
+        let Some(workload) = Workload::of_state(state, &ctx.cluster) else {
+            return Ok(());
+        };
         let store = ctx.bus.kv(LOCKS_BUCKET).await?;
-        let key = lock::key(d.subject.env.as_str(), d.subject.app.as_str());
-        if lock::release(&store, &key, d.subject.release_id).await? {
-            tracing::info!("lock freed");
+        let me = d.subject.release_id;
+        if lock::release(&store, &workload.lock_key(), &me.to_string()).await? {
+            tracing::info!(%workload, "lock freed");
         }
-        for candidate in app_releases(ctx, &d.subject.env, &d.subject.app).await? {
-            if candidate == d.subject.release_id {
+        let open = lock::dequeue(&store, &workload.queue_key(), me).await?;
+        for candidate in open {
+            let (events, state) = ctx.release_state_bounded(candidate).await?;
+            if state.terminal.is_some() || state.spec.is_none() {
+                // Ended without its end being handled here yet (it will be): not a candidate.
+                lock::dequeue(&store, &workload.queue_key(), candidate).await?;
                 continue;
             }
-            let (events, state) = ctx.release_state(candidate).await?;
-            if state.terminal.is_some()
-                || state
-                    .spec
-                    .as_ref()
-                    .is_some_and(|s| !s.cluster.is_empty() && s.cluster != ctx.cluster)
-            {
+            let Some(first) = events.first() else {
                 continue;
-            }
-            let subject = EventSubject::new(
-                d.subject.env.clone(),
-                d.subject.app.clone(),
-                candidate,
-                EventType::ReleaseRequested,
-            );
-            match self.lock_for(ctx, &subject, candidate, &state).await? {
+            };
+            let names = state
+                .spec
+                .as_ref()
+                .map(|s| (s.env.parse::<EnvName>(), s.app.parse::<AppName>()));
+            let Some((Ok(env), Ok(app))) = names else {
+                continue;
+            };
+            let subject = EventSubject::new(env, app, candidate, EventType::ReleaseRequested);
+            match self.lock_for(ctx, candidate, &state).await? {
                 Lock::Held => {
                     tracing::info!(next = %candidate, "starting the next queued release");
-                    let cause = events.first().cloned().unwrap_or_else(|| d.event.clone());
+                    let cause = first.clone();
+                    // A timed pause can't be due on a release that has not started.
                     self.drive(ctx, &subject, &cause, &events, state).await?;
                 }
-                Lock::HeldBy(holder) => tracing::info!(%holder, "the app's lock is taken again"),
+                Lock::HeldBy(holder) => {
+                    tracing::info!(%holder, "the workload's lock is taken again")
+                }
             }
             break;
         }
         Ok(())
     }
-}
-
-/// The release ids of an app in an environment, in the order they were requested.
-async fn app_releases(ctx: &AgentContext, env: &EnvName, app: &AppName) -> Result<Vec<ReleaseId>> {
-    let messages = ctx
-        .bus
-        .read_events(&format!("baton.v1.events.{env}.{app}.*.release.requested"))
-        .await
-        .map_err(|message| {
-            Error::Bus(baton_core::error::Error::Stream {
-                stream: EVENTS_STREAM.into(),
-                message,
-            })
-        })?;
-    let mut ids = Vec::new();
-    for m in messages {
-        if let Ok(s) = EventSubject::parse(&m.subject) {
-            if !ids.contains(&s.release_id) {
-                ids.push(s.release_id);
-            }
-        }
-    }
-    Ok(ids)
 }

@@ -12,12 +12,11 @@ mod cluster;
 mod decide;
 mod error;
 mod handler;
-mod lock;
 mod steps;
 
 use std::sync::Arc;
 
-use baton_core::agent::{self, Agent, AgentArgs};
+use baton_core::agent::{AgentArgs, Supervisor};
 use baton_core::Role;
 
 /// Command-line flags of `baton-deployer`.
@@ -35,14 +34,19 @@ pub struct Args {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let client = self.agent.kube_client().await?;
+        let supervisor = Supervisor::start(self.agent, Role::Deployer).await?;
         // Blue-green scale-downs whose timer died with an earlier process.
-        tokio::spawn(bluegreen::sweep(client.clone()));
-        let agent = Agent {
-            role: Role::Deployer,
-            handler: Arc::new(handler::Deployer::new(client.clone())),
-            readiness: Some(baton_core::cluster::readiness(client)),
-        };
-        agent::run(self.agent, agent).await?;
+        supervisor.spawn(
+            "blue-green sweep",
+            bluegreen::sweep(client.clone(), supervisor.shutdown()),
+        );
+        let handler = handler::Deployer::new(client.clone(), supervisor.tracker());
+        supervisor
+            .run(
+                Arc::new(handler),
+                Some(baton_core::cluster::readiness(client)),
+            )
+            .await?;
         Ok(())
     }
 }

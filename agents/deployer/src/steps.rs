@@ -5,10 +5,14 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use baton_core::fence::{self, Fence, Writer};
+use baton_core::lock::Workload;
+use baton_core::names::ReleaseId;
 use baton_core::rollout::{self, Problem, Rollout};
+use baton_core::runtime::AgentContext;
 use baton_proto::v1::{PodRef, ReleaseSpec, Strategy};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::{bluegreen, canary, cluster};
 
 /// What a step needs to know.
@@ -26,6 +30,39 @@ pub struct StepCtx<'a> {
     pub started: SystemTime,
     pub timeout: Duration,
     pub shutdown: &'a CancellationToken,
+    /// Checked before every write.
+    pub fence: &'a Fencer<'a>,
+}
+
+/// The deployer's fence: before a write, the release must still own the workload and be neither
+/// aborted, failed nor ended.
+pub struct Fencer<'a> {
+    pub agent: &'a AgentContext,
+    pub release_id: ReleaseId,
+    pub workload: Workload,
+}
+
+impl Fencer<'_> {
+    /// `Err(Error::Fenced)` when `what` must not be written.
+    pub async fn check(&self, what: &str) -> Result<()> {
+        match fence::confirm(
+            self.agent,
+            self.release_id,
+            &self.workload,
+            Writer::Deployer,
+        )
+        .await?
+        {
+            Fence::Clear => Ok(()),
+            Fence::Closed(reason) => {
+                tracing::warn!(what, %reason, "fenced: writing nothing");
+                Err(Error::Fenced {
+                    what: what.to_owned(),
+                    reason,
+                })
+            }
+        }
+    }
 }
 
 /// How a step ended.
@@ -89,6 +126,9 @@ pub async fn rolling(
             .get_or_insert_with(Default::default)
             .max_unavailable = mu.to_owned();
     }
+    ctx.fence
+        .check(&format!("applying the new image to Deployment {name}"))
+        .await?;
     cluster::apply_image(
         ctx.client,
         &spec,

@@ -22,19 +22,18 @@ use prost::Message;
 pub const POD_HEALTH: &str = "pod-health";
 pub const DEFAULT_DURATION_SECONDS: u32 = 10;
 pub const DEFAULT_INTERVAL_SECONDS: u32 = 2;
-/// An analysis longer than a day is a mistake in the spec, not a plan.
-pub const MAX_DURATION_SECONDS: u32 = 86_400;
+// The limits `baton config validate` enforces too: one definition, so the two never drift.
+pub use baton_core::limits::{
+    MAX_ANALYSIS_SECONDS as MAX_DURATION_SECONDS, MAX_HTTP_RETRIES as MAX_RETRIES,
+    MAX_LATENCY_REQUESTS, MAX_REQUEST_TIMEOUT, MAX_SMOKE_TIMEOUT, MAX_URL_BYTES,
+};
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_HTTP_PATH: &str = "/health";
 pub const DEFAULT_EXPECT_STATUS: u16 = 200;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(500);
-pub const MAX_RETRIES: u32 = 10;
 pub const DEFAULT_LATENCY_REQUESTS: u32 = 20;
-pub const MAX_LATENCY_REQUESTS: u32 = 1000;
 pub const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(30);
-pub const MAX_SMOKE_TIMEOUT: Duration = Duration::from_secs(600);
 /// More new pods than this in one step is more than one analysis should probe every interval.
 pub const MAX_PODS: usize = 1000;
 /// At most this many measurements in a verdict (the first is the summary of the rounds).
@@ -452,8 +451,8 @@ fn url_shape(url: &str) -> Result<(), String> {
     if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!("{url:?} contains spaces or control characters"));
     }
-    if url.len() > 2048 {
-        return Err("longer than 2048 bytes".into());
+    if url.len() > MAX_URL_BYTES {
+        return Err(format!("longer than {MAX_URL_BYTES} bytes"));
     }
     Ok(())
 }

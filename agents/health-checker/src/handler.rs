@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use baton_core::ids::EventKey;
-use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::runtime::{AgentContext, Delivery, Handled, Handler, HandlerError};
 use baton_proto::v1::{
     envelope::Payload, AnalysisFailed, AnalysisPassed, AnalysisStarted, Measurement,
 };
@@ -37,8 +37,53 @@ impl Handler for HealthChecker {
         &'a self,
         ctx: &'a AgentContext,
         delivery: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(self.on_step_ready(ctx, delivery))
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>> {
+        Box::pin(async move {
+            self.on_step_ready(ctx, delivery).await?;
+            Ok(Handled::Done)
+        })
+    }
+
+    /// A step to judge was dead-lettered (e.g. its analysis can't run as specified): the step
+    /// fails its analysis with the reason, so the release is rolled back instead of waiting.
+    fn on_dead_letter<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        d: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(Payload::DeployStepReady(ready)) = d.event.payload() else {
+                return;
+            };
+            let step = ready.step;
+            match ctx.release_state_bounded(d.subject.release_id).await {
+                Ok((_, state))
+                    if matches!(
+                        analysis::decide(&state, step, &ctx.cluster),
+                        Decision::Analyse
+                    ) =>
+                {
+                    let failed = AnalysisFailed {
+                        step,
+                        measurements: Vec::new(),
+                        reason: format!(
+                            "the health-checker could not analyse step {step} ({reason})"
+                        ),
+                    };
+                    if let Err(e) = ctx
+                        .emit(d, EventKey::Step(step), Payload::AnalysisFailed(failed))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot fail the analysis of a dead-lettered step");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the release to fail its analysis")
+                }
+            }
+        })
     }
 }
 
@@ -61,10 +106,13 @@ impl HealthChecker {
         let ready = match delivery.event.payload() {
             Some(Payload::DeployStepReady(r)) => r.clone(),
             _ => {
-                return Err(HandlerError::Permanent(format!(
-                    "the health-checker reacts to deploy.step_ready, not {}",
-                    delivery.event.event_type
-                )))
+                return Err(HandlerError::permanent(
+                    "invalid",
+                    format!(
+                        "the health-checker reacts to deploy.step_ready, not {}",
+                        delivery.event.event_type
+                    ),
+                ))
             }
         };
         let step = ready.step;
@@ -77,18 +125,19 @@ impl HealthChecker {
         let Some(spec) = state.spec.as_ref() else {
             return Ok(());
         };
-        let plan =
-            analysis::plan(&analysis::for_step(spec, step)).map_err(HandlerError::Permanent)?;
+        let plan = analysis::plan(&analysis::for_step(spec, step))
+            .map_err(|e| HandlerError::permanent("invalid", e))?;
         for check in &plan.checks {
             if let CheckKind::Http(h) = &check.kind {
                 if let Some(url) = &h.url {
                     checks::parse_url(url).map_err(|e| {
-                        HandlerError::Permanent(format!("check {}: url {e}", check.name))
+                        HandlerError::permanent("invalid", format!("check {}: url {e}", check.name))
                     })?;
                 }
             }
         }
-        let pods = analysis::pod_targets(&ready).map_err(HandlerError::Permanent)?;
+        let pods =
+            analysis::pod_targets(&ready).map_err(|e| HandlerError::permanent("invalid", e))?;
         let smoke_env = vec![
             ("BATON_RELEASE_ID".to_owned(), release_id.to_string()),
             ("BATON_APP".to_owned(), spec.app.clone()),
@@ -174,9 +223,10 @@ impl HealthChecker {
                 .await?;
             }
             Verdict::Inconclusive { reason } => {
-                return Err(HandlerError::Retry(format!(
-                    "analysis of step {step} is inconclusive: {reason}"
-                )));
+                return Err(HandlerError::retry(
+                    "inconclusive",
+                    format!("analysis of step {step} is inconclusive: {reason}"),
+                ));
             }
         }
         Ok(())
@@ -191,10 +241,13 @@ impl HealthChecker {
         let mut baselines = HashMap::new();
         let start = tokio::time::Instant::now();
         let stopped = || {
-            HandlerError::Retry(format!(
-                "shutting down during the analysis of step {}; it will run again",
-                run.step
-            ))
+            HandlerError::retry(
+                "shutdown",
+                format!(
+                    "shutting down during the analysis of step {}; it will run again",
+                    run.step
+                ),
+            )
         };
         for round in 0..tally.total_rounds() {
             let due = start + settings.interval.saturating_mul(round);

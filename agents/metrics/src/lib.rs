@@ -20,8 +20,7 @@ mod time;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_core::agent::{self, Agent, AgentArgs};
-use baton_core::bus::{Bus, InitialConnect};
+use baton_core::agent::{AgentArgs, Supervisor};
 use baton_core::Role;
 
 use crate::service::Service;
@@ -40,35 +39,19 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        self.agent.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        // The runtime's `run` keeps its connection and shutdown token to itself, so the reader
-        // and responder have a connection and a signal watcher of their own.
-        let shutdown = baton_core::shutdown::on_signal();
-        let source = baton_proto::v1::Source {
-            agent: Role::Metrics.as_str().to_owned(),
-            cluster: self.agent.cluster.clone(),
-            instance: self.agent.instance(Role::Metrics),
-        };
-        let bus = Bus::connect(
-            &self.agent.nats,
-            Role::Metrics.as_str(),
-            source,
-            InitialConnect::Retry,
-        )
-        .await
-        .context("connecting the metrics service to NATS")?;
-        let service = Service::start(bus, shutdown.clone());
-        let agent = Agent {
-            role: Role::Metrics,
-            handler: service.handler(),
-            readiness: Some(service.readiness()),
-        };
-        let metrics = baton_core::metrics::Metrics::new();
-        service.use_registry(metrics.clone());
-        let result = agent::run_with_metrics(self.agent, agent, metrics).await;
-        shutdown.cancel();
-        service.join(Duration::from_secs(5)).await;
-        result?;
+        let supervisor = Supervisor::start(self.agent, Role::Metrics)
+            .await
+            .context("starting the metrics agent")?;
+        // The reader, keeper and responder share the supervisor's connection and signal, and are
+        // joined by it before the agent exits.
+        let service = Service::start(supervisor.bus().clone(), supervisor.shutdown());
+        service.use_registry(supervisor.metrics().clone());
+        let handler = service.handler();
+        let readiness = service.readiness();
+        supervisor.spawn("metrics service", async move {
+            service.join(Duration::from_secs(20)).await;
+        });
+        supervisor.run(handler, Some(readiness)).await?;
         Ok(())
     }
 }

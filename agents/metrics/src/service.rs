@@ -23,7 +23,7 @@ use baton_core::bus::{Bus, EVENTS_STREAM};
 use baton_core::event::Event;
 use baton_core::http::ReadinessCheck;
 use baton_core::metrics::Metrics;
-use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::runtime::{AgentContext, Delivery, Handled, Handler, HandlerError};
 use baton_core::subject::{self, EventSubject, API_PREFIX};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -127,10 +127,10 @@ impl Handler for Accept {
         &'a self,
         ctx: &'a AgentContext,
         _delivery: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>> {
         Box::pin(async move {
             self.registry.get_or_init(|| ctx.metrics.clone());
-            Ok(())
+            Ok(Handled::Done)
         })
     }
 }

@@ -25,9 +25,7 @@ use baton_core::event::{timestamp_ms, Event};
 use baton_core::ids::EventKey;
 use baton_core::rollout::{self, Rollout, RELEASE_ANNOTATION, REVISION};
 use baton_core::runtime::{AgentContext, Delivery};
-use baton_proto::v1::{
-    envelope::Payload, ReleaseFailed, ReleaseRolledBack, RollbackCompleted, RollbackStarted,
-};
+use baton_proto::v1::{envelope::Payload, ReleaseFailed, RollbackCompleted, RollbackStarted};
 
 use crate::error::{Error, Result};
 
@@ -84,9 +82,16 @@ pub struct Scope<'a> {
     pub app: &'a str,
     /// How long the old colour may take to be available again.
     pub timeout: Duration,
+    /// Checked before every write.
+    pub fence: &'a crate::handler::Fencer<'a>,
 }
 
 impl Scope<'_> {
+    /// The fence before a write.
+    async fn fence(&self, what: &str) -> std::result::Result<(), Stop> {
+        self.fence.check(what).await.map_err(Stop::Error)
+    }
+
     fn read(&self, what: &str) -> impl FnOnce(kube::Error) -> Error {
         let (doing, namespace) = (format!("reading {what}"), self.ns.to_owned());
         move |source| Error::Cluster {
@@ -144,6 +149,8 @@ impl Scope<'_> {
 
     /// Scales a colour, dropping any scheduled scale-down.
     async fn scale(&self, name: &str, replicas: i32) -> std::result::Result<(), Stop> {
+        self.fence(&format!("scaling Deployment {name} to {replicas}"))
+            .await?;
         bluegreen::scale(self.client, self.ns, name, replicas)
             .await
             .map_err(self.write(&format!("scaling Deployment {name} to {replicas}")))
@@ -245,6 +252,9 @@ async fn run(
     if matches!(from, Away::Active) && marked(ROLLED_BACK_BY, &rid) != Some(new) {
         // Recorded before anything moves, so a re-run rolls back from the same colour.
         let patch = json!({"metadata": {"annotations": {ROLLED_BACK_BY: rid}}});
+        scope
+            .fence(&format!("marking Deployment {new_name} as rolled back"))
+            .await?;
         Api::<Deployment>::namespaced(scope.client.clone(), ns)
             .patch(&new_name, &merge_params(), &Patch::Merge(&patch))
             .await
@@ -264,6 +274,9 @@ async fn run(
         if scope.active().await? == Some(new) {
             // Traffic is on the new colour: back to the old one, once it can take it.
             available(scope, &old_name, replicas, since).await?;
+            scope
+                .fence(&format!("switching Service {app} back to {old}"))
+                .await?;
             bluegreen::set_selector(scope.client, ns, app, &routing.selecting(old))
                 .await
                 .map_err(scope.write(&format!("switching Service {app} back to {old}")))?;
@@ -282,6 +295,9 @@ async fn run(
     // The old colour serves (again): it must not be scaled down by a schedule of an earlier
     // release.
     if old_dep.is_some_and(|d| annotation(d, SCALE_DOWN_AT).is_some()) {
+        scope
+            .fence(&format!("unscheduling the scale-down of {old_name}"))
+            .await?;
         bluegreen::clear_marks(scope.client, ns, &old_name)
             .await
             .map_err(scope.write(&format!("unscheduling the scale-down of {old_name}")))?;
@@ -408,17 +424,7 @@ async fn complete(
             }),
         )
         .await?;
-    scope
-        .ctx
-        .emit(
-            d,
-            EventKey::Once,
-            Payload::ReleaseRolledBack(ReleaseRolledBack {
-                reason: reason.to_owned(),
-            }),
-        )
-        .await?;
-    tracing::info!("rolled back");
+    crate::handler::end_rolled_back(scope.ctx, d, reason).await?;
     Ok(())
 }
 

@@ -26,8 +26,11 @@ pub enum Error {
         namespace: String,
         source: kube::Error,
     },
-    #[error("lock {key}: {message}")]
-    Lock { key: String, message: String },
+    #[error(transparent)]
+    Lock(#[from] baton_core::lock::LockError),
+    /// The fence closed before a write: the release no longer owns the workload.
+    #[error("not {what}: {reason}")]
+    Fenced { what: String, reason: String },
     #[error("the app's lock is held by release {holder}, still in flight; trying again later")]
     Busy { holder: String },
     #[error("following the rollback: {0}")]
@@ -36,11 +39,34 @@ pub enum Error {
     Invalid(String),
 }
 
+impl Error {
+    /// A short, stable word for what failed, used as a metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Bus(e) => e.category(),
+            Error::Read { .. } => "kube_read",
+            Error::Restore { .. } | Error::Cluster { .. } => "kube_write",
+            Error::Lock(_) => "lock",
+            Error::Fenced { .. } => "fenced",
+            Error::Busy { .. } => "busy",
+            Error::Wait(_) => "rollout",
+            Error::Invalid(_) => "invalid",
+        }
+    }
+}
+
 impl From<Error> for HandlerError {
     fn from(e: Error) -> Self {
+        let category = e.category();
         match e {
-            Error::Invalid(_) => HandlerError::Permanent(e.to_string()),
-            other => HandlerError::Retry(other.to_string()),
+            Error::Invalid(_) => HandlerError::permanent(category, e.to_string()),
+            Error::Bus(b) => HandlerError::from(b),
+            Error::Restore { ref source, .. } | Error::Cluster { ref source, .. }
+                if baton_core::cluster::refusal(source).is_some() =>
+            {
+                HandlerError::permanent(category, e.to_string())
+            }
+            other => HandlerError::retry(category, other.to_string()),
         }
     }
 }

@@ -11,12 +11,16 @@ use kube::Api;
 use serde_json::json;
 
 use baton_core::bus::LOCKS_BUCKET;
-use baton_core::event::{timestamp_ms, Event};
+use baton_core::deadline::{self, Deadline};
+use baton_core::event::{timestamp_ms, Event, EventType};
+use baton_core::fence::{self, Fence, Writer};
 use baton_core::fold::ReleaseState;
 use baton_core::ids::EventKey;
+use baton_core::lock::{self, Workload};
+use baton_core::metrics::names;
 use baton_core::names::ReleaseId;
 use baton_core::rollout::{self, Rollout, FIELD_MANAGER, RELEASE_ANNOTATION, REVISION};
-use baton_core::runtime::{AgentContext, Delivery, Handler, HandlerError};
+use baton_core::runtime::{AgentContext, Delivery, Handled, Handler, HandlerError};
 use baton_core::workload;
 use baton_proto::v1::{envelope::Payload, *};
 
@@ -25,6 +29,8 @@ use crate::decide::{decide, Action};
 use crate::error::{Error, Result};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a release held by a person (or queued) is looked at again by its deadline watch.
+const HELD_RECHECK: Duration = Duration::from_secs(120);
 
 pub struct RollbackAgent {
     pub client: kube::Client,
@@ -35,9 +41,99 @@ impl Handler for RollbackAgent {
         &'a self,
         ctx: &'a AgentContext,
         d: Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move { self.on_event(ctx, d).await.map_err(HandlerError::from) })
+    ) -> BoxFuture<'a, Result<Handled, HandlerError>> {
+        Box::pin(async move {
+            match self.on_event(ctx, d).await {
+                // The release was taken from this writer while it worked (it ended, or lost the
+                // workload's lock): nothing was written, nothing more to do.
+                Err(Error::Fenced { what, reason }) => {
+                    tracing::info!(%what, %reason, "fenced: the rollback writes nothing more");
+                    Ok(Handled::Done)
+                }
+                other => other.map_err(HandlerError::from),
+            }
+        })
     }
+
+    /// A trigger of the rollback agent's was dead-lettered: end the release as failed with the
+    /// reason, so it does not stay in flight (and its lock is freed).
+    fn on_dead_letter<'a>(
+        &'a self,
+        ctx: &'a AgentContext,
+        d: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let terminal = match ctx.release_state_bounded(d.subject.release_id).await {
+                Ok((_, state)) => state.terminal,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the release to fail it");
+                    return;
+                }
+            };
+            if terminal.is_some() {
+                return;
+            }
+            let reason = format!(
+                "the rollback agent could not handle {} ({reason})",
+                d.event.event_type
+            );
+            if let Err(e) = ctx
+                .emit(
+                    d,
+                    EventKey::Named("dead-letter"),
+                    Payload::ReleaseFailed(ReleaseFailed { reason }),
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "cannot fail the release whose trigger was dead-lettered");
+            }
+        })
+    }
+}
+
+/// The rollback agent's fence: before a write, the release must not have ended and must hold
+/// the workload's lock.
+pub struct Fencer<'a> {
+    pub agent: &'a AgentContext,
+    pub release_id: ReleaseId,
+    pub workload: Workload,
+}
+
+impl Fencer<'_> {
+    pub async fn check(&self, what: &str) -> Result<()> {
+        match fence::confirm(
+            self.agent,
+            self.release_id,
+            &self.workload,
+            Writer::Rollback,
+        )
+        .await?
+        {
+            Fence::Clear => Ok(()),
+            Fence::Closed(reason) => Err(Error::Fenced {
+                what: what.to_owned(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// Ends a release whose workload was restored: `release.rolled_back`, or — when the rollback
+/// was the agents' own, because the release passed its deadline — `release.failed` saying so.
+pub(crate) async fn end_rolled_back(ctx: &AgentContext, d: &Delivery, reason: &str) -> Result<()> {
+    let payload = if d.event.event_type == EventType::ReleaseRequested {
+        Payload::ReleaseFailed(ReleaseFailed {
+            reason: format!("{reason}; the workload was rolled back"),
+        })
+    } else {
+        Payload::ReleaseRolledBack(ReleaseRolledBack {
+            reason: reason.to_owned(),
+        })
+    };
+    ctx.emit(d, EventKey::Once, payload).await?;
+    tracing::info!("rolled back");
+    Ok(())
 }
 
 /// The workload a rollback acts on.
@@ -49,7 +145,80 @@ struct Target {
 }
 
 impl RollbackAgent {
-    async fn on_event(&self, ctx: &AgentContext, d: Delivery) -> Result<()> {
+    async fn on_event(&self, ctx: &AgentContext, d: Delivery) -> Result<Handled> {
+        if d.event.event_type == EventType::ReleaseRequested {
+            return self.watch(ctx, &d).await;
+        }
+        self.on_trigger(ctx, d).await?;
+        Ok(Handled::Done)
+    }
+
+    /// The deadline watch of a release: its `release.requested` comes back (a delayed
+    /// redelivery, so any instance and any restart keeps the watch, with no leader) whenever the
+    /// release's next deadline is due; past it, the release is ended here — rolled back first
+    /// when the cluster was changed — and `release.failed` says why.
+    async fn watch(&self, ctx: &AgentContext, d: &Delivery) -> Result<Handled> {
+        let (events, state) = ctx.release_state_bounded(d.subject.release_id).await?;
+        if state
+            .spec
+            .as_ref()
+            .is_some_and(|s| !s.cluster.is_empty() && s.cluster != ctx.cluster)
+        {
+            return Ok(Handled::Done);
+        }
+        let now = now_ms();
+        let waiting_for = match deadline::deadline(&state) {
+            Deadline::Ended => return Ok(Handled::Done),
+            Deadline::Held(why) => {
+                tracing::debug!(%why, "held; no deadline while it lasts");
+                return Ok(Handled::Later(HELD_RECHECK));
+            }
+            Deadline::At { at_ms, waiting_for } if at_ms > now => {
+                tracing::debug!(in_ms = at_ms - now, %waiting_for, "deadline ahead");
+                // A little after the deadline, so the event that meets it is in the stream.
+                return Ok(Handled::Later(Duration::from_millis(
+                    (at_ms - now) as u64 + 250,
+                )));
+            }
+            Deadline::At { waiting_for, .. } => waiting_for,
+        };
+        let since = state
+            .last_progress_ms
+            .map(|t| (now - t) / 1000)
+            .unwrap_or_default();
+        let reason = format!(
+            "the release passed its deadline: no progress for {since}s waiting for {waiting_for}"
+        );
+        tracing::warn!(%reason, "ending the release");
+        ctx.metrics
+            .inc(names::RELEASES_EXPIRED, &[("agent", ctx.role.as_str())]);
+        let rollback_on_failure = state.spec.as_ref().is_some_and(|s| s.rollback_on_failure);
+        if state.rollback_started && !state.rollback_completed {
+            give_up(
+                ctx,
+                d,
+                format!("the rollback did not complete in time ({reason})"),
+            )
+            .await?;
+        } else if state.cluster_changed && rollback_on_failure {
+            self.roll_back(ctx, d, &events, &state, reason).await?;
+        } else {
+            let reason = if state.cluster_changed {
+                format!("{reason} (rollback_on_failure is off)")
+            } else {
+                reason
+            };
+            ctx.emit(
+                d,
+                EventKey::Once,
+                Payload::ReleaseFailed(ReleaseFailed { reason }),
+            )
+            .await?;
+        }
+        Ok(Handled::Done)
+    }
+
+    async fn on_trigger(&self, ctx: &AgentContext, d: Delivery) -> Result<()> {
         let (events, state) = ctx.release_state(d.subject.release_id).await?;
         let cluster = state
             .spec
@@ -108,8 +277,20 @@ impl RollbackAgent {
                 ))
             }
         };
+        let cluster = state
+            .spec
+            .as_ref()
+            .map(|s| s.cluster.clone())
+            .or_else(|| state.rollback_request.as_ref().map(|r| r.cluster.clone()))
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| ctx.cluster.clone());
+        let fencer = Fencer {
+            agent: ctx,
+            release_id: d.subject.release_id,
+            workload: Workload::new(&cluster, &target.namespace, &target.app),
+        };
         if target.manual {
-            self.lock(ctx, d).await?;
+            self.lock(ctx, d, &fencer.workload).await?;
         }
         let blue_green = match &state.spec {
             Some(spec) => Strategy::try_from(spec.strategy) == Ok(Strategy::BlueGreen),
@@ -123,6 +304,7 @@ impl RollbackAgent {
                 ns: &target.namespace,
                 app: &target.app,
                 timeout: target.timeout,
+                fence: &fencer,
             };
             let from = if target.manual {
                 bluegreen::Away::Active
@@ -155,7 +337,7 @@ impl RollbackAgent {
             match Strategy::try_from(spec.strategy).unwrap_or(Strategy::Rolling) {
                 Strategy::Canary
                     if self
-                        .roll_back_canary(ctx, d, state, &deployment, &reason)
+                        .roll_back_canary(ctx, d, state, &deployment, &reason, &fencer)
                         .await? =>
                 {
                     return Ok(());
@@ -260,6 +442,9 @@ impl RollbackAgent {
                 .labels = rollout::without_template_hash(
                 template.metadata.as_ref().and_then(|m| m.labels.clone()),
             );
+            fencer
+                .check(&format!("restoring Deployment {}", target.app))
+                .await?;
             let patch = json!({
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
@@ -313,16 +498,7 @@ impl RollbackAgent {
                     }),
                 )
                 .await?;
-                ctx.emit(
-                    d,
-                    EventKey::Once,
-                    Payload::ReleaseRolledBack(ReleaseRolledBack {
-                        reason: started.reason.clone(),
-                    }),
-                )
-                .await?;
-                tracing::info!("rolled back");
-                Ok(())
+                end_rolled_back(ctx, d, &started.reason).await
             }
             Rollout::Failed(problem) => {
                 self.give_up(
@@ -345,6 +521,7 @@ impl RollbackAgent {
         state: &ReleaseState,
         stable: &Deployment,
         reason: &str,
+        fencer: &Fencer<'_>,
     ) -> Result<bool> {
         let Some(spec) = &state.spec else {
             return Ok(false);
@@ -371,6 +548,7 @@ impl RollbackAgent {
             )
             .await?;
         }
+        fencer.check("removing the canary").await?;
         workload::remove_canary(&self.client, &spec.namespace, &spec.app, &spec.ingress)
             .await
             .map_err(|source| Error::Restore {
@@ -392,14 +570,7 @@ impl RollbackAgent {
             }),
         )
         .await?;
-        ctx.emit(
-            d,
-            EventKey::Once,
-            Payload::ReleaseRolledBack(ReleaseRolledBack {
-                reason: reason.to_owned(),
-            }),
-        )
-        .await?;
+        end_rolled_back(ctx, d, reason).await?;
         Ok(true)
     }
 
@@ -408,42 +579,36 @@ impl RollbackAgent {
         give_up(ctx, d, reason).await
     }
 
-    /// A manual rollback drives the workload, so it takes the app's lock like a release.
-    async fn lock(&self, ctx: &AgentContext, d: &Delivery) -> Result<()> {
-        use async_nats::jetstream::kv;
-        let key = format!("{}.{}", d.subject.env, d.subject.app);
-        let me = d.subject.release_id.to_string();
+    /// A manual rollback drives the workload, so it takes the workload's lock like a release.
+    async fn lock(&self, ctx: &AgentContext, d: &Delivery, workload: &Workload) -> Result<()> {
+        let key = workload.lock_key();
         let store = ctx.bus.kv(LOCKS_BUCKET).await?;
-        let err = |e: &dyn std::fmt::Display| Error::Lock {
-            key: key.clone(),
-            message: e.to_string(),
-        };
-        match store.create(&key, me.clone().into()).await {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(err(&e)),
+        let me = d.subject.release_id;
+        match lock::acquire(&store, &key, me).await? {
+            lock::Lock::Held => Ok(()),
+            lock::Lock::HeldBy(holder) => {
+                let ended = match ReleaseId::parse(&holder) {
+                    Ok(h) => ctx.release_state_bounded(h).await?.1.terminal.is_some(),
+                    Err(_) => true,
+                };
+                if !ended {
+                    return Err(Error::Busy { holder });
+                }
+                lock::release(&store, &key, &holder).await?;
+                match lock::acquire(&store, &key, me).await? {
+                    lock::Lock::Held => Ok(()),
+                    lock::Lock::HeldBy(holder) => Err(Error::Busy { holder }),
+                }
+            }
         }
-        let Some(entry) = store.entry(&key).await.map_err(|e| err(&e))? else {
-            return Ok(());
-        };
-        let holder = String::from_utf8_lossy(&entry.value).into_owned();
-        if holder == me {
-            return Ok(());
-        }
-        let ended = match ReleaseId::parse(&holder) {
-            Ok(h) => ctx.release_state(h).await?.1.terminal.is_some(),
-            Err(_) => true,
-        };
-        if !ended {
-            return Err(Error::Busy { holder });
-        }
-        store
-            .delete_expect_revision(&key, Some(entry.revision))
-            .await
-            .map_err(|e| err(&e))?;
-        store.create(&key, me.into()).await.map_err(|e| err(&e))?;
-        Ok(())
     }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The rollback cannot complete: say why, and end the release as failed.

@@ -609,7 +609,7 @@ fn every_validation_rule_names_its_field() {
         (app_field("checks: [{name: a, http: {path: health}}]"), "apps.web.checks[0].http.path", "must start with '/'"),
         (app_field("checks: [{name: a, http: {expect_status: 99}}]"), "apps.web.checks[0].http.expect_status", "from 100 to 599"),
         (app_field("checks: [{name: a, http: {timeout: 0ms}}]"), "apps.web.checks[0].http.timeout", "longer than 0"),
-        (app_field("checks: [{name: a, http: {retries: 1000}}]"), "apps.web.checks[0].http.retries", "from 0 to 100"),
+        (app_field("checks: [{name: a, http: {retries: 1000}}]"), "apps.web.checks[0].http.retries", "from 0 to 10,"),
         (app_field("checks: [{name: a, http: {port: 0}}]"), "apps.web.checks[0].http.port", "TCP port"),
         (app_field("checks: [{name: a, http: {url: \"ftp://x\"}}]"), "apps.web.checks[0].http.url", "http:// or https://"),
         (app_field("checks: [{name: a, http: {url: \"https://\"}}]"), "apps.web.checks[0].http.url", "with a host"),
@@ -869,4 +869,433 @@ fn the_example_file_of_the_repository_is_valid() {
                 .unwrap_or_else(|e| panic!("{app} in {env}: {e}"));
         }
     }
+}
+
+/// One limit of the release spec, as the configuration enforces it: the field (with `{v}` for
+/// the value), the value at the limit and just past it, where the problem is reported and the
+/// range it names, and what the resolved spec carries at the limit.
+struct Limit {
+    field: &'static str,
+    at: String,
+    past: String,
+    path: &'static str,
+    range: String,
+    carried: fn(&ReleaseSpec) -> u64,
+    want: u64,
+}
+
+fn seconds_text(s: u64) -> String {
+    format!("{s}s")
+}
+
+fn ms_text(ms: u64) -> String {
+    format!("{ms}ms")
+}
+
+fn list(n: usize, item: impl Fn(usize) -> String) -> String {
+    (0..n).map(item).collect::<Vec<_>>().join(", ")
+}
+
+fn http_of(s: &ReleaseSpec) -> &HttpCheck {
+    match &s.checks[0].kind {
+        Some(check::Kind::Http(h)) => h,
+        other => panic!("not an http check: {other:?}"),
+    }
+}
+
+fn latency_of(s: &ReleaseSpec) -> &LatencyCheck {
+    match &s.checks[0].kind {
+        Some(check::Kind::Latency(l)) => l,
+        other => panic!("not a latency check: {other:?}"),
+    }
+}
+
+fn smoke_of(s: &ReleaseSpec) -> &SmokeCheck {
+    match &s.checks[0].kind {
+        Some(check::Kind::Smoke(c)) => c,
+        other => panic!("not a smoke check: {other:?}"),
+    }
+}
+
+fn step_analysis(s: &ReleaseSpec) -> AnalysisParams {
+    s.canary
+        .as_ref()
+        .and_then(|c| c.steps[0].analysis)
+        .unwrap_or_default()
+}
+
+fn limits() -> Vec<Limit> {
+    use crate::limits::*;
+    let analysis = u64::from(MAX_ANALYSIS_SECONDS);
+    let request_ms = u64::try_from(MAX_REQUEST_TIMEOUT.as_millis()).unwrap();
+    let smoke_ms = u64::try_from(MAX_SMOKE_TIMEOUT.as_millis()).unwrap();
+    let spec_s = u64::from(MAX_SPEC_SECONDS);
+    let spec_ms = u64::from(MAX_SPEC_MILLIS);
+    let analysis_range = format!("must be from 1s to {}", human_ms(analysis * 1000));
+    let request_range = format!("must be from 1ms to {}", human_ms(request_ms));
+    let spec_s_range =
+        |min: &str| format!("must be from {min} to {spec_s}s (the most a release spec carries)");
+    let url = |n: usize| {
+        let head = "https://checks.example.com/";
+        format!("\"{head}{}\"", "a".repeat(n - head.len()))
+    };
+    let port = |field: &'static str, path: &'static str, carried: fn(&ReleaseSpec) -> u64| Limit {
+        field,
+        at: MAX_PORT.to_string(),
+        past: (MAX_PORT + 1).to_string(),
+        path,
+        range: format!("must be a TCP port (1 to {MAX_PORT})"),
+        carried,
+        want: u64::from(MAX_PORT),
+    };
+    vec![
+        // the analysis: the health-checker refuses more than a day
+        Limit {
+            field: "analysis: {duration: {v}, interval: 1s}",
+            at: seconds_text(analysis),
+            past: seconds_text(analysis + 1),
+            path: "apps.web.analysis.duration",
+            range: analysis_range.clone(),
+            carried: |s| s.analysis.unwrap().duration_seconds.into(),
+            want: analysis,
+        },
+        Limit {
+            field: "analysis: {duration: 24h, interval: {v}}",
+            at: seconds_text(analysis),
+            past: seconds_text(analysis + 1),
+            path: "apps.web.analysis.interval",
+            range: analysis_range.clone(),
+            carried: |s| s.analysis.unwrap().interval_seconds.into(),
+            want: analysis,
+        },
+        Limit {
+            field: "strategy: canary\ncanary: {steps: [{weight: 10, analysis: {duration: {v}}}]}",
+            at: seconds_text(analysis),
+            past: seconds_text(analysis + 1),
+            path: "apps.web.canary.steps[0].analysis.duration",
+            range: analysis_range.clone(),
+            carried: |s| step_analysis(s).duration_seconds.into(),
+            want: analysis,
+        },
+        Limit {
+            field: "strategy: canary\ncanary: {steps: [{weight: 10, analysis: {duration: 24h, \
+                    interval: {v}}}]}",
+            at: seconds_text(analysis),
+            past: seconds_text(analysis + 1),
+            path: "apps.web.canary.steps[0].analysis.interval",
+            range: analysis_range,
+            carried: |s| step_analysis(s).interval_seconds.into(),
+            want: analysis,
+        },
+        Limit {
+            field: "analysis: {failure_limit: {v}}",
+            at: MAX_FAILURE_LIMIT.to_string(),
+            past: (MAX_FAILURE_LIMIT + 1).to_string(),
+            path: "apps.web.analysis.failure_limit",
+            range: format!("must be a whole number from 0 to {MAX_FAILURE_LIMIT}"),
+            carried: |s| s.analysis.unwrap().failure_limit.into(),
+            want: MAX_FAILURE_LIMIT.into(),
+        },
+        Limit {
+            field:
+                "strategy: canary\ncanary: {steps: [{weight: 10, analysis: {failure_limit: {v}}}]}",
+            at: MAX_FAILURE_LIMIT.to_string(),
+            past: (MAX_FAILURE_LIMIT + 1).to_string(),
+            path: "apps.web.canary.steps[0].analysis.failure_limit",
+            range: format!("must be a whole number from 0 to {MAX_FAILURE_LIMIT}"),
+            carried: |s| step_analysis(s).failure_limit.into(),
+            want: MAX_FAILURE_LIMIT.into(),
+        },
+        // checks: what the health-checker's plan refuses
+        Limit {
+            field: "checks: [{name: a, http: {timeout: {v}}}]",
+            at: ms_text(request_ms),
+            past: ms_text(request_ms + 1),
+            path: "apps.web.checks[0].http.timeout",
+            range: request_range.clone(),
+            carried: |s| http_of(s).timeout_ms.into(),
+            want: request_ms,
+        },
+        Limit {
+            field: "checks: [{name: a, http: {interval: {v}}}]",
+            at: ms_text(request_ms),
+            past: ms_text(request_ms + 1),
+            path: "apps.web.checks[0].http.interval",
+            range: request_range,
+            carried: |s| http_of(s).interval_ms.into(),
+            want: request_ms,
+        },
+        Limit {
+            field: "checks: [{name: a, http: {retries: {v}}}]",
+            at: MAX_HTTP_RETRIES.to_string(),
+            past: (MAX_HTTP_RETRIES + 1).to_string(),
+            path: "apps.web.checks[0].http.retries",
+            range: format!("must be a whole number from 0 to {MAX_HTTP_RETRIES}"),
+            carried: |s| http_of(s).retries.into(),
+            want: MAX_HTTP_RETRIES.into(),
+        },
+        Limit {
+            field: "checks: [{name: a, http: {url: {v}}}]",
+            at: url(MAX_URL_BYTES),
+            past: url(MAX_URL_BYTES + 1),
+            path: "apps.web.checks[0].http.url",
+            range: format!("at most {MAX_URL_BYTES}"),
+            carried: |s| http_of(s).url.len() as u64,
+            want: MAX_URL_BYTES as u64,
+        },
+        Limit {
+            field: "checks: [{name: a, latency: {threshold: 1s, requests: {v}}}]",
+            at: MAX_LATENCY_REQUESTS.to_string(),
+            past: (MAX_LATENCY_REQUESTS + 1).to_string(),
+            path: "apps.web.checks[0].latency.requests",
+            range: format!("must be a whole number from 1 to {MAX_LATENCY_REQUESTS}"),
+            carried: |s| latency_of(s).requests.into(),
+            want: MAX_LATENCY_REQUESTS.into(),
+        },
+        Limit {
+            field: "checks: [{name: a, latency: {threshold: {v}}}]",
+            at: ms_text(spec_ms),
+            past: ms_text(spec_ms + 1),
+            path: "apps.web.checks[0].latency.threshold",
+            range: format!("must be from 1ms to {spec_ms}ms (the most a release spec carries)"),
+            carried: |s| latency_of(s).threshold_ms.into(),
+            want: spec_ms,
+        },
+        Limit {
+            field: "checks: [{name: a, smoke: {argv: [smoke], timeout: {v}}}]",
+            at: ms_text(smoke_ms),
+            past: ms_text(smoke_ms + 1),
+            path: "apps.web.checks[0].smoke.timeout",
+            range: format!("must be from 1ms to {}", human_ms(smoke_ms)),
+            carried: |s| smoke_of(s).timeout_ms.into(),
+            want: smoke_ms,
+        },
+        port("port: {v}", "apps.web.port", |s| s.port.into()),
+        port(
+            "checks: [{name: a, http: {port: {v}}}]",
+            "apps.web.checks[0].http.port",
+            |s| http_of(s).port.into(),
+        ),
+        port(
+            "checks: [{name: a, latency: {threshold: 1s, port: {v}}}]",
+            "apps.web.checks[0].latency.port",
+            |s| latency_of(s).port.into(),
+        ),
+        // lists and text: what every agent's release spec check refuses
+        Limit {
+            field: "checks: [{v}]",
+            at: list(MAX_CHECKS, |i| format!("{{name: c{i}, http: {{}}}}")),
+            past: list(MAX_CHECKS + 1, |i| format!("{{name: c{i}, http: {{}}}}")),
+            path: "apps.web.checks",
+            range: format!("more than {MAX_CHECKS} checks"),
+            carried: |s| s.checks.len() as u64,
+            want: MAX_CHECKS as u64,
+        },
+        Limit {
+            field: "strategy: canary\ncanary: {steps: [{v}]}",
+            at: list(MAX_STEPS, |i| format!("{{weight: {}}}", i + 1)),
+            past: list(MAX_STEPS + 1, |i| format!("{{weight: {}}}", i + 1)),
+            path: "apps.web.canary.steps",
+            range: format!("more than {MAX_STEPS} steps"),
+            carried: |s| s.canary.as_ref().map_or(0, |c| c.steps.len() as u64),
+            want: MAX_STEPS as u64,
+        },
+        Limit {
+            field: "build: {argv: [{v}]}",
+            at: list(MAX_ARGV, |i| format!("a{i}")),
+            past: list(MAX_ARGV + 1, |i| format!("a{i}")),
+            path: "apps.web.build.argv",
+            range: format!("more than {MAX_ARGV} arguments"),
+            carried: |s| s.build.as_ref().map_or(0, |b| b.argv.len() as u64),
+            want: MAX_ARGV as u64,
+        },
+        Limit {
+            field: "checks: [{name: a, smoke: {argv: [{v}]}}]",
+            at: list(MAX_ARGV, |i| format!("a{i}")),
+            past: list(MAX_ARGV + 1, |i| format!("a{i}")),
+            path: "apps.web.checks[0].smoke.argv",
+            range: format!("more than {MAX_ARGV} arguments"),
+            carried: |s| smoke_of(s).argv.len() as u64,
+            want: MAX_ARGV as u64,
+        },
+        Limit {
+            field: "checks: [{name: a, http: {body_contains: {v}}}]",
+            at: "x".repeat(MAX_TEXT_BYTES),
+            past: "x".repeat(MAX_TEXT_BYTES + 1),
+            path: "apps.web.checks[0].http.body_contains",
+            range: format!("longer than {MAX_TEXT_BYTES} bytes"),
+            carried: |s| http_of(s).body_contains.len() as u64,
+            want: MAX_TEXT_BYTES as u64,
+        },
+        // whole-seconds fields no agent bounds: the most the spec's uint32 carries, not truncated
+        Limit {
+            field: "step_timeout: {v}",
+            at: seconds_text(spec_s),
+            past: seconds_text(spec_s + 1),
+            path: "apps.web.step_timeout",
+            range: spec_s_range("1s"),
+            carried: |s| s.step_timeout_seconds.into(),
+            want: spec_s,
+        },
+        Limit {
+            field: "deadline_margin: {v}",
+            at: seconds_text(spec_s),
+            past: seconds_text(spec_s + 1),
+            path: "apps.web.deadline_margin",
+            range: spec_s_range("1s"),
+            carried: |s| s.deadline_margin_seconds.into(),
+            want: spec_s,
+        },
+        Limit {
+            field: "strategy: blue-green\nblue_green: {scale_down_delay: {v}}",
+            at: seconds_text(spec_s),
+            past: seconds_text(spec_s + 1),
+            path: "apps.web.blue_green.scale_down_delay",
+            range: spec_s_range("0s"),
+            carried: |s| s.blue_green.unwrap().scale_down_delay_seconds.into(),
+            want: spec_s,
+        },
+        Limit {
+            field: "strategy: canary\ncanary: {steps: [{weight: 10, pause: {v}}]}",
+            at: seconds_text(spec_s),
+            past: seconds_text(spec_s + 1),
+            path: "apps.web.canary.steps[0].pause",
+            range: spec_s_range("0s"),
+            carried: |s| {
+                s.canary
+                    .as_ref()
+                    .map_or(0, |c| c.steps[0].pause_seconds.into())
+            },
+            want: spec_s,
+        },
+        Limit {
+            field: "build: {argv: [make], timeout: {v}}",
+            at: seconds_text(spec_s),
+            past: seconds_text(spec_s + 1),
+            path: "apps.web.build.timeout",
+            range: spec_s_range("1s"),
+            carried: |s| s.build.as_ref().map_or(0, |b| b.timeout_seconds.into()),
+            want: spec_s,
+        },
+    ]
+}
+
+#[test]
+fn every_limit_of_the_agents_is_accepted_at_the_limit_and_refused_past_it_by_its_path() {
+    for limit in limits() {
+        let at = app_field(&limit.field.replace("{v}", &limit.at));
+        let config = parse(&at).unwrap_or_else(|e| panic!("{} at the limit:\n{e}", limit.path));
+        for env in ["staging", "production"] {
+            let spec = config
+                .resolve("web", env, &image())
+                .unwrap_or_else(|e| panic!("{} at the limit in {env}:\n{e}", limit.path));
+            assert_eq!(
+                (limit.carried)(&spec),
+                limit.want,
+                "{}: the spec carries the value at the limit whole",
+                limit.path
+            );
+        }
+        let past = app_field(&limit.field.replace("{v}", &limit.past));
+        refused(&past, limit.path, &limit.range);
+    }
+}
+
+#[test]
+fn an_analysis_interval_longer_than_its_duration_is_refused_where_it_is_merged() {
+    let canary =
+        |step: &str| format!("strategy: canary\ncanary: {{steps: [{step}, {{weight: 100}}]}}");
+    // (the app's fields, where the problem is, what it says); None: accepted.
+    let table: Vec<(String, Option<(&str, &str)>)> = vec![
+        ("analysis: {duration: 10s, interval: 10s}".into(), None),
+        (
+            "analysis: {duration: 10s, interval: 11s}".into(),
+            Some((
+                "apps.web.analysis",
+                "interval (11s) is longer than duration (10s)",
+            )),
+        ),
+        // A canary step's own analysis replaces the app's field by field, as the health-checker
+        // merges them.
+        (
+            canary("{weight: 10, analysis: {duration: 5m, interval: 5m}}"),
+            None,
+        ),
+        (canary("{weight: 10, analysis: {duration: 1m}}"), None),
+        (
+            canary("{weight: 10, analysis: {interval: 1m}}"),
+            Some((
+                "apps.web.canary.steps[0].analysis",
+                "interval (60s) is longer than duration (30s, from analysis.duration)",
+            )),
+        ),
+        (
+            format!(
+                "analysis: {{interval: 10s}}\n{}",
+                canary("{weight: 10, analysis: {duration: 5s}}")
+            ),
+            Some((
+                "apps.web.canary.steps[0].analysis",
+                "interval (10s, from analysis.interval) is longer than duration (5s)",
+            )),
+        ),
+        (
+            canary("{weight: 10, analysis: {duration: 1m, interval: 2m}}"),
+            Some((
+                "apps.web.canary.steps[0].analysis",
+                "interval (120s) is longer than duration (60s)",
+            )),
+        ),
+        // Only a canary runs its steps' own analyses.
+        (
+            "strategy: rolling\ncanary: {steps: [{weight: 10, analysis: {interval: 1m}}]}".into(),
+            None,
+        ),
+        (
+            "canary: {steps: [{weight: 10, analysis: {interval: 1m}}]}\n\
+             environments:\n  production: {strategy: canary}"
+                .into(),
+            Some((
+                "apps.web.environments.production.canary.steps[0].analysis",
+                "longer than duration (30s, from analysis.duration)",
+            )),
+        ),
+        // A duration of 0 would be read as unset (the health-checker's default, or the app's).
+        (
+            "analysis: {duration: 0s}".into(),
+            Some(("apps.web.analysis.duration", "must be longer than 0")),
+        ),
+        (
+            canary("{weight: 10, analysis: {duration: 0s}}"),
+            Some((
+                "apps.web.canary.steps[0].analysis.duration",
+                "must be longer than 0",
+            )),
+        ),
+    ];
+    for (fields, want) in &table {
+        let text = app_field(fields);
+        match want {
+            None => assert!(
+                problems(&text).is_empty(),
+                "{fields}: {:?}",
+                problems(&text)
+            ),
+            Some((path, message)) => refused(&text, path, message),
+        }
+    }
+}
+
+#[test]
+fn a_fragment_in_a_check_path_is_refused_as_the_health_checker_refuses_it() {
+    refused(
+        &app_field("checks: [{name: a, http: {path: \"/health#x\"}}]"),
+        "apps.web.checks[0].http.path",
+        "must not contain '#'",
+    );
+    refused(
+        &app_field("checks: [{name: a, latency: {threshold: 1s, path: \"/#\"}}]"),
+        "apps.web.checks[0].latency.path",
+        "must not contain '#'",
+    );
 }

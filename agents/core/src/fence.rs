@@ -1,0 +1,98 @@
+//! Fenced writes: before each cluster write, an agent confirms from the release's history and the
+//! workload's lock that the release still owns the workload and may still change it. A writer that
+//! wakes up late (a paused process, a slow API call, a lost lock) writes nothing.
+//!
+//! What each writer may still do is decided by [`refusal`], purely, from the fold.
+
+use crate::fold::ReleaseState;
+use crate::lock::{self, Workload};
+use crate::names::ReleaseId;
+use crate::runtime::AgentContext;
+
+/// Who writes to the cluster on a release's behalf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// Drives the release forward: only while nothing has stopped it.
+    Deployer,
+    /// Restores the workload: until the release has ended.
+    Rollback,
+}
+
+/// Why `writer` must no longer write for this release, if so.
+pub fn refusal(state: &ReleaseState, writer: Writer) -> Option<String> {
+    if let Some(terminal) = state.terminal {
+        return Some(format!("the release has ended ({terminal})"));
+    }
+    if writer == Writer::Rollback {
+        return None;
+    }
+    if state.abort_requested {
+        return Some("the release was aborted".into());
+    }
+    if state.rollback_started {
+        return Some("the release is being rolled back".into());
+    }
+    if let Some(f) = &state.failure {
+        return Some(format!("the release has failed ({})", f.stage));
+    }
+    None
+}
+
+/// The outcome of a fence check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// The release owns the workload: write.
+    Clear,
+    /// Write nothing, for this reason.
+    Closed(String),
+}
+
+/// Confirms, just before a write, that `release` may still change `workload`: its history allows
+/// it and it holds the workload's lock.
+pub async fn confirm(
+    ctx: &AgentContext,
+    release: ReleaseId,
+    workload: &Workload,
+    writer: Writer,
+) -> Result<Fence, crate::error::Error> {
+    let (_, state) = ctx.release_state(release).await?;
+    if let Some(reason) = refusal(&state, writer) {
+        return Ok(Fence::Closed(reason));
+    }
+    let store = ctx.bus.kv(crate::bus::LOCKS_BUCKET).await?;
+    let key = workload.lock_key();
+    let holder = lock::holder(&store, &key)
+        .await
+        .map_err(|e| crate::error::Error::Stream {
+            stream: format!("KV_{}", crate::bus::LOCKS_BUCKET),
+            message: e.to_string(),
+        })?;
+    let me = release.to_string();
+    Ok(match holder {
+        Some(h) if h == me => Fence::Clear,
+        Some(h) => Fence::Closed(format!("the lock of {workload} is held by release {h}")),
+        None => Fence::Closed(format!(
+            "release {me} no longer holds the lock of {workload}"
+        )),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+
+    #[test]
+    fn the_deployer_stops_at_any_stop_and_the_rollback_at_the_end() {
+        let mut s = ReleaseState::default();
+        assert_eq!(refusal(&s, Writer::Deployer), None);
+        s.abort_requested = true;
+        assert_eq!(
+            refusal(&s, Writer::Deployer).as_deref(),
+            Some("the release was aborted")
+        );
+        assert_eq!(refusal(&s, Writer::Rollback), None);
+        s.terminal = Some(EventType::ReleaseRolledBack);
+        assert!(refusal(&s, Writer::Rollback).is_some());
+    }
+}
