@@ -36,6 +36,8 @@ pub struct Baton {
     pub env: String,
     /// Images are `<registry>/<repo>:<tag>`.
     pub repo: String,
+    /// What the agents' environment has beyond the bus and the cluster.
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// The configuration the tests apply: environment `test` (the test's namespace), environment
@@ -72,9 +74,58 @@ apps:
     )
 }
 
+/// A configuration of many apps in environment `test` (the test's namespace), each with the
+/// common settings of [`app_config`] plus `app_settings(app)`.
+pub fn fleet_config(
+    namespace: &str,
+    apps: &[String],
+    app_settings: impl Fn(&str) -> String,
+) -> String {
+    let mut yaml = format!(
+        "environments:\n  test:\n    cluster: {CLUSTER}\n    namespace: {namespace}\napps:\n"
+    );
+    for app in apps {
+        let settings: String = app_settings(app)
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect();
+        yaml.push_str(&format!(
+            r#"  {app}:
+    container: app
+    port: {PORT}
+    rolling: {{max_surge: "1", max_unavailable: "0"}}
+    step_timeout: 60s
+    checks:
+      - name: health
+        http: {{path: /health, expect_status: 200, timeout: 2s, retries: 1, interval: 200ms}}
+{settings}"#
+        ));
+    }
+    yaml
+}
+
 impl Baton {
     /// Starts it all, with `web:v1` (healthy) running as a 2-replica Deployment.
     pub async fn start(prefix: &str) -> Result<Baton> {
+        let baton = Baton::start_with(prefix, &["web"], 2, &[]).await?;
+        baton
+            .apply_config(&config_yaml(
+                &baton.ns.name,
+                "{duration: 3s, interval: 1s, failure_limit: 0}",
+            ))
+            .await?;
+        Ok(baton)
+    }
+
+    /// Starts a namespace with a Deployment of `replicas` of the healthy `v1` image per app, a
+    /// bus, and the five agents with `agent_env` added to their environment. No configuration
+    /// is applied.
+    pub async fn start_with(
+        prefix: &str,
+        apps: &[&str],
+        replicas: i32,
+        agent_env: &[(&str, &str)],
+    ) -> Result<Baton> {
         let cluster = shared()?;
         let ns = TestNamespace::create(&cluster, prefix).await?;
         let repo = format!("{}-web", ns.name);
@@ -85,51 +136,84 @@ impl Baton {
         let client = cluster.client().await?;
         let deployments: Api<Deployment> = Api::namespaced(client, &ns.name);
         let v1 = format!("{}/{repo}:v1", cluster.registry);
-        deployments
-            .create(
-                &PostParams::default(),
-                &deployment("web", &v1, 2, PORT, &[]),
-            )
-            .await?;
-        let available = kube::runtime::wait::await_condition(
-            deployments.clone(),
-            "web",
-            |d: Option<&Deployment>| {
-                d.and_then(|d| d.status.as_ref())
-                    .and_then(|s| s.available_replicas)
-                    == Some(2)
-            },
-        );
-        tokio::time::timeout(Duration::from_secs(120), available)
-            .await
-            .context("web:v1 never became available")??;
+        for app in apps {
+            deployments
+                .create(
+                    &PostParams::default(),
+                    &deployment(app, &v1, replicas, PORT, &[]),
+                )
+                .await?;
+        }
+        for app in apps {
+            let available = kube::runtime::wait::await_condition(
+                deployments.clone(),
+                app,
+                move |d: Option<&Deployment>| {
+                    d.and_then(|d| d.status.as_ref())
+                        .and_then(|s| s.available_replicas)
+                        == Some(replicas)
+                },
+            );
+            tokio::time::timeout(Duration::from_secs(180), available)
+                .await
+                .with_context(|| format!("{app}:v1 never became available"))??;
+        }
 
         let bus = BusEnv::start().await?;
         let kubeconfig = cluster.kubeconfig.display().to_string();
         let mut agents = Vec::new();
         for name in AGENTS {
-            let env = [
+            let mut env = vec![
                 ("KUBECONFIG", kubeconfig.as_str()),
                 ("BATON_PLAIN_HTTP_REGISTRIES", cluster.registry.as_str()),
             ];
+            env.extend_from_slice(agent_env);
             agents.push(AgentProcess::start(&bus, name, &env, bus.sandbox.dir()).await?);
         }
-        let baton = Baton {
+        Ok(Baton {
             cluster,
             ns,
             bus,
             agents,
-            app: "web".into(),
+            app: apps.first().map_or("web", |a| a).to_owned(),
             env: "test".into(),
             repo,
-        };
-        baton
-            .apply_config(&config_yaml(
-                &baton.ns.name,
-                "{duration: 3s, interval: 1s, failure_limit: 0}",
-            ))
+            agent_env: agent_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        })
+    }
+
+    /// `baton release APP --env test --image IMAGE` plus `args`; the release id.
+    pub async fn release_of(&self, app: &str, image: &str, args: &[&str]) -> Result<ReleaseId> {
+        let mut all = vec!["release", app, "--env", self.env.as_str(), "--image", image];
+        all.extend_from_slice(args);
+        let out = self.baton(&all).await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            out.status.success(),
+            "baton release {app} failed: {stdout}{stderr}"
+        );
+        stdout
+            .split_whitespace()
+            .find_map(|w| ReleaseId::parse(w.trim_end_matches(':')).ok())
+            .with_context(|| format!("no release id in the output: {stdout}{stderr}"))
+    }
+
+    /// The image of Deployment `app`'s `app` container.
+    pub async fn image_of(&self, app: &str) -> Result<String> {
+        let client = self.cluster.client().await?;
+        let d = Api::<Deployment>::namespaced(client, &self.ns.name)
+            .get(app)
             .await?;
-        Ok(baton)
+        Ok(d.spec
+            .template
+            .spec
+            .and_then(|s| s.containers.into_iter().find(|c| c.name == "app"))
+            .and_then(|c| c.image)
+            .unwrap_or_default())
     }
 
     pub async fn apply_config(&self, yaml: &str) -> Result<()> {
@@ -267,10 +351,12 @@ impl Baton {
         let registry = self.cluster.registry.clone();
         let agent = self.agent(name)?;
         agent.process.kill9().await?;
-        let env = [
+        let mut env = vec![
             ("KUBECONFIG", kubeconfig.as_str()),
             ("BATON_PLAIN_HTTP_REGISTRIES", registry.as_str()),
         ];
+        let extra = self.agent_env.clone();
+        env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let fresh = AgentProcess::start(&self.bus, name, &env, self.bus.sandbox.dir()).await?;
         if let Some(slot) = self.agents.iter_mut().find(|a| a.name == name) {
             *slot = fresh;

@@ -31,6 +31,8 @@ pub struct Deployer {
     pub client: kube::Client,
     /// The agent's supervised tasks (blue-green scale-down timers).
     timers: TaskTracker,
+    /// Fault injection: a pause before every fenced write (`BATON_FAULT_WRITE_DELAY`).
+    write_delay: Option<Duration>,
     /// Releases this process is driving right now, each with a "poked" flag: a second trigger for
     /// the same release must not drive it twice at once, but must not be lost either — the
     /// driver looks at the history once more before it stops.
@@ -38,10 +40,11 @@ pub struct Deployer {
 }
 
 impl Deployer {
-    pub fn new(client: kube::Client, timers: TaskTracker) -> Self {
+    pub fn new(client: kube::Client, timers: TaskTracker, write_delay: Option<Duration>) -> Self {
         Self {
             client,
             timers,
+            write_delay,
             driving: Arc::default(),
         }
     }
@@ -406,6 +409,7 @@ impl Deployer {
                         agent: ctx,
                         release_id: rid,
                         workload: workload.clone(),
+                        delay: self.write_delay,
                     };
                     if !self
                         .step(ctx, subject, cause, &state, &fence, step, weight, last)

@@ -29,18 +29,27 @@ use baton_core::Role;
 pub struct Args {
     #[command(flatten)]
     pub agent: AgentArgs,
+    /// Fault injection for tests of fencing: wait this long (e.g. 3s) before every cluster write,
+    /// as a stalled process would. Never set in production.
+    #[arg(long = "fault-write-delay", env = "BATON_FAULT_WRITE_DELAY", value_parser = parse_delay, hide = true)]
+    pub fault_write_delay: Option<std::time::Duration>,
+}
+
+fn parse_delay(text: &str) -> Result<std::time::Duration, String> {
+    baton_core::config::parse_duration_ms(text).map(std::time::Duration::from_millis)
 }
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let client = self.agent.kube_client().await?;
-        let supervisor = Supervisor::start(self.agent, Role::Deployer).await?;
+        let supervisor = Supervisor::start(self.agent.clone(), Role::Deployer).await?;
         // Blue-green scale-downs whose timer died with an earlier process.
         supervisor.spawn(
             "blue-green sweep",
             bluegreen::sweep(client.clone(), supervisor.shutdown()),
         );
-        let handler = handler::Deployer::new(client.clone(), supervisor.tracker());
+        let handler =
+            handler::Deployer::new(client.clone(), supervisor.tracker(), self.fault_write_delay);
         supervisor
             .run(
                 Arc::new(handler),

@@ -40,11 +40,22 @@ pub struct Fencer<'a> {
     pub agent: &'a AgentContext,
     pub release_id: ReleaseId,
     pub workload: Workload,
+    /// Fault injection (`BATON_FAULT_WRITE_DELAY`): a pause before each check, as a slow or
+    /// stalled process would take, for tests of the fence.
+    pub delay: Option<Duration>,
 }
 
 impl Fencer<'_> {
     /// `Err(Error::Fenced)` when `what` must not be written.
     pub async fn check(&self, what: &str) -> Result<()> {
+        if let Some(delay) = self.delay {
+            tracing::warn!(
+                what,
+                delay_ms = delay.as_millis() as u64,
+                "fault injection: waiting before the write"
+            );
+            tokio::time::sleep(delay).await;
+        }
         match fence::confirm(
             self.agent,
             self.release_id,

@@ -19,6 +19,7 @@ mod metrics;
 mod release;
 mod runtime;
 mod sandbox;
+mod scale;
 
 use baton_tests::harness::run;
 
@@ -40,6 +41,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(metrics::trials());
     trials.extend(control::trials());
     trials.extend(bluegreen::trials());
+    trials.extend(scale::trials());
     run(trials)
 }
 
