@@ -16,8 +16,32 @@ pub fn trials() -> Vec<Trial> {
         an_invalid_file_is_refused_with_every_bad_field_named_and_nothing_is_stored,
         config_is_versioned_and_rolling_back_makes_an_old_revision_current_as_a_new_one,
         showing_or_rolling_back_an_unknown_revision_fails_clearly,
+        every_limit_an_agent_would_refuse_is_refused_by_validate_naming_the_field,
     ]
 }
+
+/// Values each within what YAML and the config's types take, but past what an agent accepts.
+const OUT_OF_RANGE: &str = "environments:
+  prod: {cluster: c1, namespace: shop}
+apps:
+  web:
+    strategy: canary
+    analysis: {duration: 25h, interval: 1s}
+    step_timeout: 5000000000s
+    checks:
+      - name: health
+        http: {path: /health, timeout: 61s, retries: 11}
+      - name: smoke
+        smoke: {argv: [/bin/true], timeout: 11m}
+      - name: p95
+        latency: {path: /, requests: 1001, percentile: 95, threshold: 100ms}
+  api:
+    strategy: canary
+    canary:
+      steps:
+        - {weight: 10, analysis: {duration: 30s, interval: 60s}}
+        - {weight: 100}
+";
 
 const FIRST: &str = "environments:
   staging: {cluster: sandbox, namespace: shop-staging}
@@ -69,6 +93,33 @@ impl Run {
     fn ok(&self) -> bool {
         self.code == Some(0)
     }
+}
+
+async fn every_limit_an_agent_would_refuse_is_refused_by_validate_naming_the_field() -> Result<()> {
+    let env = BusEnv::start().await?;
+    let path = write(env.sandbox.dir(), "range.yaml", OUT_OF_RANGE)?;
+    let run = baton(
+        &env.process_env(),
+        &["config", "validate", &path.display().to_string()],
+    )
+    .await?;
+    ensure!(run.code == Some(1), "exited {:?}: {}", run.code, run.stderr);
+    for want in [
+        "apps.web.analysis.duration: must be from 1s to 24h, not \"25h\"",
+        "apps.web.step_timeout: must be from 1s to 4294967295s",
+        "apps.web.checks[0].http.timeout: must be from 1ms to 1m",
+        "apps.web.checks[0].http.retries: must be a whole number from 0 to 10",
+        "apps.web.checks[1].smoke.timeout: must be from 1ms to 10m",
+        "apps.web.checks[2].latency.requests: must be a whole number from 1 to 1000",
+        "apps.api.canary.steps[0].analysis: interval (60s) is longer than duration (30s",
+    ] {
+        ensure!(
+            run.stderr.contains(want),
+            "validate does not say {want:?}:\n{}",
+            run.stderr
+        );
+    }
+    Ok(())
 }
 
 async fn baton(env: &[(String, String)], args: &[&str]) -> Result<Run> {
