@@ -27,7 +27,8 @@ trap cleanup EXIT INT TERM
 
 start_sandbox() {
   echo "== starting the sandbox (logs: $work/sandbox.log)"
-  "$bin/baton-sandbox" up --env-file "$work/sandbox.env" >"$work/sandbox.log" 2>&1 &
+  "$bin/baton-sandbox" up --env-file "$work/sandbox.env" --nodes "${BATON_SANDBOX_NODES:-3}" \
+    >"$work/sandbox.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 600); do
     [ -s "$work/sandbox.env" ] && break
@@ -42,7 +43,8 @@ start_agents() {
   echo "== starting the five agents (logs in $work)"
   local port=19090 agent p
   for agent in builder deployer health-checker rollback metrics; do
-    BATON_PLAIN_HTTP_REGISTRIES=$BATON_REGISTRY "$bin/baton-$agent" --cluster sandbox \
+    BATON_PLAIN_HTTP_REGISTRIES=$BATON_REGISTRY BATON_LOG=${BATON_LOG:-info,async_nats=warn} \
+      "$bin/baton-$agent" --cluster sandbox \
       --http-addr "127.0.0.1:$port" >"$work/$agent.log" 2>&1 &
     pids+=($!)
     agent_pids+=("$agent:$!")

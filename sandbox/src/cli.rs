@@ -66,6 +66,20 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Write the histories of COUNT ended releases of an app into the event stream (as the
+    /// administrator), for benchmarks of how cost grows with history.
+    SeedHistory {
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        count: usize,
+        #[command(flatten)]
+        nats: baton_core::bus::NatsArgs,
+    },
     /// Run PROG, print its pid, and stop it when stdin closes (internal).
     #[command(hide = true)]
     Supervise {
@@ -155,6 +169,13 @@ impl Command {
                 env,
                 registry,
             } => push_image(&image, &env, &registry).await,
+            Command::SeedHistory {
+                env,
+                app,
+                namespace,
+                count,
+                nats,
+            } => crate::seed::seed(&nats, &env, &app, &namespace, count).await,
             Command::Supervise { .. } | Command::Cleanup { .. } => {
                 bail!("internal commands run without this runtime")
             }

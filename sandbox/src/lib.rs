@@ -14,6 +14,7 @@ pub mod node;
 pub mod process;
 pub mod registry;
 pub mod registry_server;
+pub mod seed;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
