@@ -73,19 +73,9 @@ YAML
     echo "environments:"
     echo "  $env: {cluster: sandbox, namespace: $env}"
     echo "apps:"
+    # One line an app (flow style), so a thousand apps fit the configuration's size limit.
     for i in $(seq 0 $((n - 1))); do
-      cat <<YAML
-  $prefix$i:
-    container: app
-    port: 8080
-    rolling: {max_surge: "1", max_unavailable: "0"}
-    step_timeout: 5m
-    analysis: {duration: 2s, interval: 1s}
-    checks:
-      - name: health
-        http: {path: /health, expect_status: 200, timeout: 2s, retries: 1, interval: 200ms}
-$extra
-YAML
+      echo "  $prefix$i: {container: app, port: 8080, step_timeout: 5m, analysis: {duration: 2s, interval: 1s}, checks: [{name: health, http: {path: /health, timeout: 2s, retries: 1}}]$extra}"
     done
   } >"$work/$env-baton.yaml"
 }
@@ -126,13 +116,9 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2 ? a[(NR+1)/2] : (a[NR/2]
 echo "== preparing apps"
 make_apps solo s 1
 make_apps other o 2 ""
-make_apps gated g 1 "    strategy: canary
-    canary:
-      steps:
-        - {weight: 50, pause: 5m}
-        - {weight: 100}"
+make_apps gated g 1 ", strategy: canary, canary: {steps: [{weight: 50, pause: 5m}, {weight: 100}]}"
 for n in 10 100 1000; do
-  [ "$n" -le "$max_n" ] && make_apps "n$n" a "$n"
+  [ "$n" -le "$max_n" ] && make_apps "n$n" "n${n}a" "$n"
 done
 make_apps hist h 1
 apply_config
@@ -167,7 +153,7 @@ for n in 10 100 1000; do
   [ "$n" -le "$max_n" ] || continue
   image=$(next_tag)
   cpu0=$(agents_cpu); t0=$(now)
-  seq 0 $((n - 1)) | xargs -P 16 -I{} "$bin/baton" release "a{}" --env "n$n" --image "$BATON_REGISTRY/$image" --output json \
+  seq 0 $((n - 1)) | xargs -P 16 -I{} "$bin/baton" release "n${n}a{}" --env "n$n" --image "$BATON_REGISTRY/$image" --output json \
     | jq -r '.release_id' >"$work/ids-$n"
   while :; do
     ended=$("$bin/baton" history --env "n$n" --limit 1000 --output json \

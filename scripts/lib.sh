@@ -8,7 +8,9 @@ cd "$root"
 bash scripts/setup.sh
 profile=${BATON_PROFILE:-debug}
 echo "== building Baton ($profile)"
-if [ "$profile" = release ]; then
+if [ -n "${BATON_NO_BUILD:-}" ]; then
+  echo "   (BATON_NO_BUILD: using the binaries in target/$profile as they are)"
+elif [ "$profile" = release ]; then
   cargo build --workspace --locked --quiet --release
 else
   cargo build --workspace --locked --quiet
@@ -21,7 +23,7 @@ agent_pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if [ -n "${BATON_KEEP_WORK:-}" ]; then echo "(logs kept in $work)" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT INT TERM
 

@@ -11,6 +11,8 @@ use futures::StreamExt;
 
 use baton_core::bus::{Bus, NatsArgs, EVENTS_STREAM};
 use baton_core::control::{self, Command, Progress};
+
+use crate::progress::Wording;
 use baton_core::event::{Event, EventType};
 use baton_core::ids::EventKey;
 use baton_core::names::{AppName, EnvName, ReleaseId};

@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod credentials;
 mod history;
+mod progress;
 mod release;
 
 /// Baton: event-driven release agents for Kubernetes over NATS.

@@ -10,6 +10,8 @@ use futures::StreamExt;
 use baton_core::bus::{Bus, NatsArgs, EVENTS_STREAM};
 use baton_core::config::{self, store, Overrides};
 use baton_core::control::{Hold, Progress};
+
+use crate::progress::Wording;
 use baton_core::event::{Event, EventType};
 use baton_core::fold::{fold, ReleaseState, Status};
 use baton_core::ids::EventKey;

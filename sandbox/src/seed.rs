@@ -52,7 +52,10 @@ pub async fn seed(
                 EventKey::Once,
                 Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) }),
             ),
-            (EventKey::Once, Payload::BuildStarted(BuildStarted::default())),
+            (
+                EventKey::Once,
+                Payload::BuildStarted(BuildStarted::default()),
+            ),
             (
                 EventKey::Once,
                 Payload::BuildSucceeded(BuildSucceeded {

@@ -1,40 +1,37 @@
-//! Baton's shared agent runtime.
+//! Baton's shared agent runtime: the I/O every agent shares — the NATS bus with JetStream
+//! publishing and durable consumers, the keyed concurrent consumer runtime with dead letters, the
+//! supervisor (signal, connection, background tasks, shutdown within a grace), the retry policy,
+//! the bus definitions, the workload locks and fence, configuration storage, telemetry, and the
+//! HTTP health and metrics endpoint.
 //!
-//! The event contract (types, owners, subjects, validation, deterministic ids), the pure release
-//! fold, and the I/O every agent shares: the NATS bus with JetStream publishing and durable
-//! consumers, dead letters, the retry policy, the bus definitions, telemetry, the HTTP health and
-//! metrics endpoint, and graceful shutdown.
+//! The model it acts on is `baton-model` (pure) and the Kubernetes glue `baton-kube`; both are
+//! re-exported here under their old paths.
 
-pub mod event;
-pub mod fold;
-#[cfg(test)]
-mod fold_tests;
-pub mod ids;
-pub mod limits;
-pub mod names;
-pub mod subject;
-pub mod validate;
-pub mod workload;
+pub use baton_kube::{bluegreen, rollout, workload};
+pub use baton_model::{
+    control, deadline, event, fold, ids, limits, names, subject, testing, validate,
+};
+pub use baton_model::{
+    AppName, EnvName, Event, EventKey, EventType, ReleaseId, ReleaseState, Role, Status,
+};
 
-pub use event::{Event, EventType, Role};
-pub use fold::{fold, ReleaseState, Status};
-pub use ids::EventKey;
-pub use names::{AppName, EnvName, ReleaseId};
+/// Configuration: parsing and resolution (`baton-model`), and its versioned storage on the bus.
+pub mod config {
+    pub use baton_model::config::*;
+    #[path = "../config_store.rs"]
+    pub mod store;
+}
+
 pub mod agent;
-pub mod bluegreen;
 pub mod bus;
 pub mod busconfig;
 pub mod cluster;
-pub mod config;
-pub mod control;
-pub mod deadline;
 pub mod error;
 pub mod fence;
 pub mod http;
 pub mod lock;
 pub mod metrics;
 pub mod retry;
-pub mod rollout;
 pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;

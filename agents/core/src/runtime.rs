@@ -49,8 +49,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// The most messages asked for in one pull request.
 const MAX_BATCH: usize = 64;
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How long one pull request waits on the server for messages. Its slots are held meanwhile, so
+/// it is short: a consumer that could not get a slot waits at most this long for one.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// The server's heartbeat on an open pull request: a broker that has gone is noticed in seconds.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Any one ack, nak or term on the wire; the broker may be gone at shutdown.
@@ -311,19 +312,23 @@ struct ExecutorInner {
     ctx: AgentContext,
     handler: Arc<dyn Handler>,
     permits: Arc<Semaphore>,
+    /// How many consumers feed this executor (each pulls at most its share of the slots).
+    consumers: usize,
     /// Keys with a worker running, and the jobs queued behind the one it runs.
     queues: Mutex<HashMap<String, VecDeque<Job>>>,
     tasks: TaskTracker,
 }
 
 impl Executor {
-    pub fn new(ctx: AgentContext, handler: Arc<dyn Handler>) -> Executor {
+    /// An executor fed by `consumers` consumers.
+    pub fn new(ctx: AgentContext, handler: Arc<dyn Handler>, consumers: usize) -> Executor {
         let permits = Arc::new(Semaphore::new(ctx.limits.max_in_flight.max(1)));
         Executor {
             inner: Arc::new(ExecutorInner {
                 ctx,
                 handler,
                 permits,
+                consumers,
                 queues: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
             }),
@@ -750,7 +755,11 @@ async fn consume(executor: &Executor, def: &ConsumerDef, failures: &mut u32) -> 
             }
         };
         let mut permits = vec![first];
-        while permits.len() < MAX_BATCH {
+        // A fair share of the slots per consumer, so that an open pull request of one consumer
+        // never holds the slots another consumer of the agent needs.
+        let share =
+            (ctx.limits.max_in_flight / executor.inner.consumers.max(1)).clamp(1, MAX_BATCH);
+        while permits.len() < share {
             match executor.inner.permits.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,
@@ -869,7 +878,7 @@ fn header_value(s: &str) -> String {
 /// shutdown grace is over.
 pub async fn run_consumers(ctx: AgentContext, defs: Vec<ConsumerDef>, handler: Arc<dyn Handler>) {
     let grace = ctx.limits.shutdown_grace;
-    let executor = Executor::new(ctx, handler);
+    let executor = Executor::new(ctx, handler, defs.len());
     let mut pulls = tokio::task::JoinSet::new();
     for def in defs {
         pulls.spawn(run_consumer_with(executor.clone(), def));

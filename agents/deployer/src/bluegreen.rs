@@ -26,6 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -128,6 +129,43 @@ fn colour_deployment(c: &ColourSpec<'_>) -> std::result::Result<Value, String> {
             "template": template,
         }
     }))
+}
+
+/// The blue-green strategy's driver.
+pub struct BlueGreen;
+
+impl steps::Driver for BlueGreen {
+    fn describe<'a>(
+        &'a self,
+        p: &'a steps::Planning<'a>,
+        step: u32,
+        _weight: u32,
+        last: bool,
+    ) -> BoxFuture<'a, Result<StepPlan>> {
+        Box::pin(describe_live(p.client, p.spec, p.release_id, step, last))
+    }
+
+    fn run<'a>(
+        &'a self,
+        ctx: &'a StepCtx<'a>,
+        step: u32,
+        _weight: u32,
+        last: bool,
+    ) -> BoxFuture<'a, Result<StepOutcome>> {
+        Box::pin(self::step(ctx, step, last))
+    }
+
+    /// Schedules the old colour's scale-down after the delay.
+    fn after_success<'a>(&'a self, r: &'a steps::Succeeded<'a>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(after_success(
+            r.client,
+            r.spec,
+            r.release_id,
+            r.at_ms,
+            r.shutdown,
+            r.timers,
+        ))
+    }
 }
 
 /// The step's description for `deploy.step_started`, without looking at the cluster (which

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
@@ -28,6 +29,31 @@ pub fn replicas(stable: i32, weight: u32) -> i32 {
     }
     let stable = stable.max(1);
     ((i64::from(stable) * i64::from(weight) + 99) / 100).clamp(1, i64::from(stable)) as i32
+}
+
+/// The canary strategy's driver.
+pub struct Canary;
+
+impl steps::Driver for Canary {
+    fn describe<'a>(
+        &'a self,
+        planning: &'a steps::Planning<'a>,
+        _step: u32,
+        weight: u32,
+        last: bool,
+    ) -> BoxFuture<'a, Result<StepPlan>> {
+        Box::pin(async move { Ok(describe(planning.spec, weight, last, planning.replicas)) })
+    }
+
+    fn run<'a>(
+        &'a self,
+        ctx: &'a StepCtx<'a>,
+        _step: u32,
+        weight: u32,
+        last: bool,
+    ) -> BoxFuture<'a, Result<StepOutcome>> {
+        Box::pin(step(ctx, weight, last))
+    }
 }
 
 pub fn describe(spec: &ReleaseSpec, weight: u32, last: bool, stable: i32) -> StepPlan {

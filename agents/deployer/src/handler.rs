@@ -155,24 +155,27 @@ impl Deployer {
             EventType::ReleaseSucceeded
             | EventType::ReleaseFailed
             | EventType::ReleaseRolledBack => {
-                // Blue-green: schedule the old colour's scale-down before a queued release of the
-                // app may start. Never holds the lock back: a schedule that could not be written
-                // is left to the next release of the app.
-                if let Some(spec) = state.spec.as_ref().filter(|s| {
-                    d.event.event_type == EventType::ReleaseSucceeded
-                        && decide::strategy(s) == Strategy::BlueGreen
-                }) {
-                    if let Err(e) = crate::bluegreen::after_success(
-                        &self.client,
+                // The strategy's follow-up (blue-green: the old colour's scale-down) before a
+                // queued release of the app may start. Never holds the lock back: what could not
+                // be done is left to the next release of the app.
+                if let Some(spec) = state
+                    .spec
+                    .as_ref()
+                    .filter(|_| d.event.event_type == EventType::ReleaseSucceeded)
+                {
+                    let succeeded = steps::Succeeded {
+                        client: &self.client,
                         spec,
-                        &d.subject.release_id.to_string(),
-                        d.event.time_ms(),
-                        &ctx.shutdown,
-                        &self.timers,
-                    )
-                    .await
+                        release_id: &d.subject.release_id.to_string(),
+                        at_ms: d.event.time_ms(),
+                        shutdown: &ctx.shutdown,
+                        timers: &self.timers,
+                    };
+                    if let Err(e) = steps::driver(decide::strategy(spec))
+                        .after_success(&succeeded)
+                        .await
                     {
-                        tracing::warn!(error = %e, "could not schedule the old colour's scale-down");
+                        tracing::warn!(error = %e, "the strategy's follow-up after success failed");
                     }
                 }
                 self.on_ended(ctx, &d, &state).await?;
@@ -531,18 +534,15 @@ impl Deployer {
         let started_ms = match state.step_started_ms.get(&step) {
             Some(ms) => *ms,
             None => {
-                let plan = if strategy == Strategy::BlueGreen {
-                    crate::bluegreen::describe_live(
-                        &self.client,
-                        &spec,
-                        &rid.to_string(),
-                        step,
-                        last,
-                    )
-                    .await?
-                } else {
-                    steps::describe(strategy, &spec, step, weight, last, replicas)
+                let planning = steps::Planning {
+                    client: &self.client,
+                    spec: &spec,
+                    release_id: &rid.to_string(),
+                    replicas,
                 };
+                let plan = steps::driver(strategy)
+                    .describe(&planning, step, weight, last)
+                    .await?;
                 tracing::info!(step, weight, action = %plan.action, "step");
                 let e = ctx
                     .emit_for(
@@ -586,7 +586,10 @@ impl Deployer {
             shutdown: &ctx.shutdown,
             fence,
         };
-        match steps::run(strategy, &step_ctx, step, weight, last).await? {
+        match steps::driver(strategy)
+            .run(&step_ctx, step, weight, last)
+            .await?
+        {
             steps::StepOutcome::Ready(pods) => {
                 tracing::info!(step, pods = pods.len(), "step ready");
                 ctx.emit_for(

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use baton_core::fence::{self, Fence, Writer};
 use baton_core::lock::Workload;
@@ -90,36 +92,94 @@ pub struct StepPlan {
     pub selector: HashMap<String, String>,
 }
 
-pub fn describe(
-    strategy: Strategy,
-    spec: &ReleaseSpec,
-    step: u32,
-    weight: u32,
-    last: bool,
-    replicas: i32,
-) -> StepPlan {
-    match strategy {
-        Strategy::Canary => canary::describe(spec, weight, last, replicas),
-        Strategy::BlueGreen => bluegreen::describe(spec, step, last),
-        _ => StepPlan {
-            action: format!("rolling update of Deployment {}", spec.app),
-            selector: HashMap::new(),
-        },
+/// What describing a step needs (before the step starts).
+pub struct Planning<'a> {
+    pub client: &'a kube::Client,
+    pub spec: &'a ReleaseSpec,
+    pub release_id: &'a str,
+    /// Replicas of the workload when the release began (`deploy.started`).
+    pub replicas: i32,
+}
+
+/// A release that has just succeeded.
+pub struct Succeeded<'a> {
+    pub client: &'a kube::Client,
+    pub spec: &'a ReleaseSpec,
+    pub release_id: &'a str,
+    /// When `release.succeeded` was published (ms).
+    pub at_ms: i64,
+    pub shutdown: &'a CancellationToken,
+    /// Where timers of the strategy run (the supervisor's tasks).
+    pub timers: &'a TaskTracker,
+}
+
+/// A release strategy as the deployer drives it — one interface, so that the deployer has no
+/// special case for any strategy. The steps themselves come from the plan
+/// (`baton_core::control::plan`); a driver describes, runs and follows up each of them.
+pub trait Driver: Send + Sync {
+    /// The step's description for its `deploy.step_started`: what it will do, and the Service
+    /// selector it sets, if any.
+    fn describe<'a>(
+        &'a self,
+        planning: &'a Planning<'a>,
+        step: u32,
+        weight: u32,
+        last: bool,
+    ) -> BoxFuture<'a, Result<StepPlan>>;
+
+    /// Runs the step: changes the cluster (each write fenced), then follows it until ready or
+    /// failed.
+    fn run<'a>(
+        &'a self,
+        ctx: &'a StepCtx<'a>,
+        step: u32,
+        weight: u32,
+        last: bool,
+    ) -> BoxFuture<'a, Result<StepOutcome>>;
+
+    /// What the strategy does once its release succeeded (nothing by default). It must not hold
+    /// the workload back: the next release of the app may start right after.
+    fn after_success<'a>(&'a self, _release: &'a Succeeded<'a>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
-/// Runs a step: changes the cluster, then follows it until ready or failed.
-pub async fn run(
-    strategy: Strategy,
-    ctx: &StepCtx<'_>,
-    step: u32,
-    weight: u32,
-    last: bool,
-) -> Result<StepOutcome> {
+/// The driver of a strategy.
+pub fn driver(strategy: Strategy) -> &'static dyn Driver {
     match strategy {
-        Strategy::Canary => canary::step(ctx, weight, last).await,
-        Strategy::BlueGreen => bluegreen::step(ctx, step, last).await,
-        _ => rolling(ctx, &ctx.spec.app, None).await,
+        Strategy::Canary => &canary::Canary,
+        Strategy::BlueGreen => &bluegreen::BlueGreen,
+        Strategy::Rolling | Strategy::Unspecified => &Rolling,
+    }
+}
+
+/// A rolling update: one step at 100%, the new image applied and followed.
+pub struct Rolling;
+
+impl Driver for Rolling {
+    fn describe<'a>(
+        &'a self,
+        planning: &'a Planning<'a>,
+        _step: u32,
+        _weight: u32,
+        _last: bool,
+    ) -> BoxFuture<'a, Result<StepPlan>> {
+        Box::pin(async move {
+            Ok(StepPlan {
+                action: format!("rolling update of Deployment {}", planning.spec.app),
+                selector: HashMap::new(),
+            })
+        })
+    }
+
+    fn run<'a>(
+        &'a self,
+        ctx: &'a StepCtx<'a>,
+        _step: u32,
+        _weight: u32,
+        _last: bool,
+    ) -> BoxFuture<'a, Result<StepOutcome>> {
+        Box::pin(rolling(ctx, &ctx.spec.app, None))
     }
 }
 

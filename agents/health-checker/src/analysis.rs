@@ -9,11 +9,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use baton_core::event::{Event, EventType};
 use baton_core::fold::ReleaseState;
 use baton_proto::v1::{
-    check, envelope::Payload, AnalysisFailed, AnalysisParams, DeployStepReady, Measurement,
-    ReleaseSpec,
+    check, AnalysisFailed, AnalysisParams, DeployStepReady, Measurement, ReleaseSpec,
 };
 use prost::Message;
 
@@ -100,23 +98,10 @@ pub fn decide(state: &ReleaseState, step: u32, cluster: &str) -> Decision {
     Decision::Analyse
 }
 
-/// When step `step` began, in milliseconds since the epoch: its `deploy.step_started`, else its
-/// first `deploy.step_ready`. Pod restarts after this time count against the step.
-pub fn step_began_ms(events: &[Event], step: u32) -> Option<i64> {
-    let time_of = |wanted: EventType| {
-        events
-            .iter()
-            .filter(|e| e.event_type == wanted)
-            .filter(|e| match e.payload() {
-                Some(Payload::DeployStepStarted(s)) => s.step == step,
-                Some(Payload::DeployStepReady(s)) => s.step == step,
-                _ => false,
-            })
-            .map(Event::time_ms)
-            .filter(|t| *t > 0)
-            .min()
-    };
-    time_of(EventType::DeployStepStarted).or_else(|| time_of(EventType::DeployStepReady))
+/// When step `step` began, in milliseconds since the epoch (a fact of the fold): pod restarts
+/// after this time count against the step.
+pub fn step_began_ms(state: &ReleaseState, step: u32) -> Option<i64> {
+    state.step_began_ms(step)
 }
 
 /// How long, how often, and how many failed rounds are tolerated.

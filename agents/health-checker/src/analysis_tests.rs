@@ -206,9 +206,10 @@ fn the_step_begins_at_its_step_started_event_else_at_its_step_ready() {
         ev(rid, 5, step_ready(2)),
         ev(rid, 7, step_ready(2)),
     ];
-    assert_eq!(step_began_ms(&events, 1), Some(1_001_000));
-    assert_eq!(step_began_ms(&events, 2), Some(1_005_000));
-    assert_eq!(step_began_ms(&events, 3), None);
+    let state = baton_core::fold::fold(&events);
+    assert_eq!(step_began_ms(&state, 1), Some(1_001_000));
+    assert_eq!(step_began_ms(&state, 2), Some(1_005_000));
+    assert_eq!(step_began_ms(&state, 3), None);
 }
 
 #[test]

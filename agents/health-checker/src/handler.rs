@@ -117,7 +117,7 @@ impl HealthChecker {
         };
         let step = ready.step;
         let release_id = delivery.event.release_id;
-        let (events, state) = ctx.release_state(release_id).await?;
+        let (_, state) = ctx.release_state(release_id).await?;
         if let Decision::Skip(why) = analysis::decide(&state, step, &ctx.cluster) {
             tracing::info!(step, %why, "no analysis");
             return Ok(());
@@ -164,7 +164,7 @@ impl HealthChecker {
             plan: &plan,
             pods: &pods,
             namespace: &spec.namespace,
-            step_began_ms: analysis::step_began_ms(&events, step),
+            step_began_ms: analysis::step_began_ms(&state, step),
             smoke_env,
         };
 

@@ -345,23 +345,16 @@ impl RollbackAgent {
                 _ => {}
             }
         }
-        let started_event = events
-            .iter()
-            .find(|e| matches!(e.payload(), Some(Payload::RollbackStarted(_))))
-            .cloned();
-        let (started_event, template) = match started_event {
-            Some(e) => {
+        let (started, since_ms, template) = match &state.rollback_target {
+            Some(started) => {
                 // Resumed after a crash: the target was decided and recorded.
-                let Some(Payload::RollbackStarted(started)) = e.payload().cloned() else {
-                    return Ok(());
-                };
                 let template = rollout::replica_set_of_revision(
                     &deployment,
                     &snap.replica_sets,
                     &started.to_revision,
                 )
                 .and_then(|rs| rs.spec.template.clone());
-                (e, template)
+                (started.clone(), state.rollback_started_ms, template)
             }
             None => {
                 let rs = if target.manual {
@@ -408,22 +401,20 @@ impl RollbackAgent {
                     .map(rollout::template_images)
                     .unwrap_or_default();
                 tracing::info!(%to_revision, %to_image, %reason, "rolling back");
+                let started = RollbackStarted {
+                    reason: reason.clone(),
+                    to_revision,
+                    to_image,
+                };
                 let e = ctx
-                    .emit(
-                        d,
-                        EventKey::Once,
-                        Payload::RollbackStarted(RollbackStarted {
-                            reason: reason.clone(),
-                            to_revision,
-                            to_image,
-                        }),
-                    )
+                    .emit(d, EventKey::Once, Payload::RollbackStarted(started.clone()))
                     .await?;
-                (e, template)
+                (
+                    started,
+                    e.envelope.time.as_ref().map(timestamp_ms),
+                    template,
+                )
             }
-        };
-        let Some(Payload::RollbackStarted(started)) = started_event.payload().cloned() else {
-            return Ok(());
         };
         let current_images = rollout::template_images(&deployment.spec.template);
         if current_images != started.to_image {
@@ -467,11 +458,9 @@ impl RollbackAgent {
                     source,
                 })?;
         }
-        let since = started_event
-            .envelope
-            .time
-            .as_ref()
-            .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(timestamp_ms(t).max(0) as u64))
+        // The wait counts from the first start, so a restart keeps the deadline.
+        let since = since_ms
+            .map(|t| SystemTime::UNIX_EPOCH + Duration::from_millis(t.max(0) as u64))
             .unwrap_or_else(SystemTime::now);
         let outcome = rollout::wait(
             &self.client,

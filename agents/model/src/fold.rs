@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 
-use baton_proto::v1::{envelope::Payload, ReleaseSpec, RollbackRequested, Strategy};
+use baton_proto::v1::{
+    envelope::Payload, ReleaseSpec, RollbackRequested, RollbackStarted, Strategy,
+};
 
 use crate::event::{timestamp_ms, Event, EventType};
 use crate::names::ReleaseId;
@@ -96,6 +98,8 @@ pub struct ReleaseState {
     /// Steps started, with their weights, and when each began (its first `deploy.step_started`).
     pub steps_started: BTreeMap<u32, u32>,
     pub step_started_ms: BTreeMap<u32, i64>,
+    /// When each step was first ready.
+    pub step_ready_ms: BTreeMap<u32, i64>,
     pub steps_ready: BTreeSet<u32>,
     pub analyses_started: BTreeSet<u32>,
     pub analyses_passed: BTreeSet<u32>,
@@ -119,6 +123,9 @@ pub struct ReleaseState {
     pub promote_requests: usize,
     pub promote_full: bool,
     pub rollback_started: bool,
+    /// The rollback's target as its first `rollback.started` recorded it, and when.
+    pub rollback_target: Option<RollbackStarted>,
+    pub rollback_started_ms: Option<i64>,
     pub rollback_completed: bool,
     /// The first failure, in stream order.
     pub failure: Option<Failure>,
@@ -230,6 +237,10 @@ impl ReleaseState {
             Payload::DeployStepReady(s) => {
                 self.steps_started.entry(s.step).or_insert(s.weight);
                 self.steps_ready.insert(s.step);
+                if let Some(t) = time {
+                    let first = self.step_ready_ms.entry(s.step).or_insert(t);
+                    *first = (*first).min(t);
+                }
             }
             Payload::DeployCompleted(_) => self.deploy_completed = true,
             Payload::DeployFailed(d) => {
@@ -265,7 +276,13 @@ impl ReleaseState {
                 self.analyses_failed.insert(a.step);
                 self.fail(EventType::AnalysisFailed, Some(a.step), &a.reason);
             }
-            Payload::RollbackStarted(_) => self.rollback_started = true,
+            Payload::RollbackStarted(r) => {
+                self.rollback_started = true;
+                if self.rollback_target.is_none() {
+                    self.rollback_target = Some(r.clone());
+                    self.rollback_started_ms = time;
+                }
+            }
             Payload::RollbackCompleted(_) => {
                 self.rollback_started = true;
                 self.rollback_completed = true;
@@ -305,6 +322,16 @@ impl ReleaseState {
             self.ended_at_ms = time;
             self.terminal_reason = reason.map(str::to_owned);
         }
+    }
+
+    /// When step `step` began: its `deploy.step_started`, else its first `deploy.step_ready`.
+    /// Pod restarts after this time count against the step.
+    pub fn step_began_ms(&self, step: u32) -> Option<i64> {
+        self.step_started_ms
+            .get(&step)
+            .or_else(|| self.step_ready_ms.get(&step))
+            .copied()
+            .filter(|t| *t > 0)
     }
 
     /// The current step: the highest one started.

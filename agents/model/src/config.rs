@@ -33,7 +33,6 @@ use crate::limits::{
 };
 use crate::names::{validate_dns_label, NameError};
 
-pub mod store;
 #[cfg(test)]
 mod tests;
 
