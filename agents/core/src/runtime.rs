@@ -52,8 +52,6 @@ const MAX_BATCH: usize = 64;
 /// How long one pull request waits on the server for messages. Its slots are held meanwhile, so
 /// it is short: a consumer that could not get a slot waits at most this long for one.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// The server's heartbeat on an open pull request: a broker that has gone is noticed in seconds.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Any one ack, nak or term on the wire; the broker may be gone at shutdown.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -769,7 +767,10 @@ async fn consume(executor: &Executor, def: &ConsumerDef, failures: &mut u32) -> 
             .batch()
             .max_messages(permits.len())
             .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
+            // No idle heartbeats: async-nats' batch stream stops waking its reader after one
+            // (it returns Pending without a waker), so a message that follows a heartbeat would
+            // wait for the request's timer and be dropped with it. A broker that is gone is
+            // noticed all the same: the request ends with its expiry and the next one fails.
             .messages()
             .await
             .map_err(|e| err(e.to_string()))?;
