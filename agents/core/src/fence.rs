@@ -27,7 +27,12 @@ pub async fn confirm(
     workload: &Workload,
     writer: Writer,
 ) -> Result<Fence, crate::error::Error> {
-    let (_, state) = ctx.release_state(release).await?;
+    // The rollback agent ends even a release flooded past its bound of events; the deployer
+    // drives only releases whose whole history can be read.
+    let (_, state) = match writer {
+        Writer::Rollback => ctx.release_state_bounded(release).await?,
+        Writer::Deployer => ctx.release_state(release).await?,
+    };
     if let Some(reason) = refusal(&state, writer) {
         return Ok(Fence::Closed(reason));
     }

@@ -553,3 +553,40 @@ fn facts_and_times_are_kept() {
     assert_eq!(s.duration_ms(0), Some(10_000));
     assert_eq!(s.terminal_reason.as_deref(), Some("analysis failed"));
 }
+
+#[test]
+fn a_second_request_of_the_same_release_changes_nothing() {
+    let rid = ReleaseId::generate();
+    let mut other = spec();
+    other.namespace = "kube-system".into();
+    other.image = "evil:latest".into();
+    let events = vec![
+        ev(rid, 0, p::requested()),
+        ev(rid, 1, p::build_started()),
+        ev(
+            rid,
+            2,
+            Payload::ReleaseRequested(ReleaseRequested { spec: Some(other) }),
+        ),
+    ];
+    let state = fold(&events);
+    assert_eq!(state.spec, Some(spec()));
+    assert!(state.duplicate_request);
+    assert_eq!(state.status(), Status::Building);
+}
+
+#[test]
+fn progress_is_timed_by_the_agents_events_and_not_by_commands() {
+    let rid = ReleaseId::generate();
+    let events = vec![
+        ev(rid, 0, p::requested()),
+        ev(rid, 5, p::build_started()),
+        ev(
+            rid,
+            9,
+            Payload::ReleasePauseRequested(ReleasePauseRequested::default()),
+        ),
+    ];
+    let state = fold(&events);
+    assert_eq!(state.last_progress_ms, Some(events[1].time_ms()));
+}

@@ -219,7 +219,14 @@ impl RollbackAgent {
     }
 
     async fn on_trigger(&self, ctx: &AgentContext, d: Delivery) -> Result<()> {
-        let (events, state) = ctx.release_state(d.subject.release_id).await?;
+        // Bounded: the agent that ends releases must be able to end one flooded with commands
+        // (its first events hold all a rollback needs).
+        let (mut events, mut state) = ctx.release_state_bounded(d.subject.release_id).await?;
+        // The trigger itself, in case it lies past the bound (the fold ignores a duplicate).
+        state.apply(&d.event);
+        if !events.iter().any(|e| e.envelope.id == d.event.envelope.id) {
+            events.push(d.event.clone());
+        }
         let cluster = state
             .spec
             .as_ref()

@@ -28,6 +28,7 @@ pub fn trials() -> Vec<Trial> {
         a_release_whose_health_checker_is_gone_ends_at_its_deadline_and_frees_the_lock,
         a_stalled_deployer_writes_nothing_after_an_abort,
         every_agent_exits_within_its_grace_after_sigterm_with_the_broker_gone,
+        a_release_flooded_with_commands_is_refused_and_ended_and_restored,
     ]
 }
 
@@ -422,5 +423,75 @@ async fn every_agent_exits_within_its_grace_after_sigterm_with_the_broker_gone()
             agent.process.log_tail(30)
         );
     }
+    Ok(())
+}
+
+async fn a_release_flooded_with_commands_is_refused_and_ended_and_restored() -> Result<()> {
+    use baton_core::event::Event as E;
+    use baton_core::ids::EventKey;
+    use baton_core::subject::EventSubject;
+    use baton_proto::v1::{envelope::Payload, ReleasePauseRequested};
+    let baton = Baton::start_with("flood", &["web"], 1, &[]).await?;
+    baton
+        .apply_config(&fleet_config(&baton.ns.name, &["web".into()], |_| {
+            "strategy: canary\nanalysis: {duration: 1s, interval: 1s}\ncanary:\n  steps:\n    - {weight: 50, pause: until-promoted}\n    - {weight: 100}".into()
+        }))
+        .await?;
+    let before = baton.image_of("web").await?;
+    let (v2, _) = baton.push("v2", &[]).await?;
+    let rid = baton.release_of("web", &v2, &[]).await?;
+    baton.wait_for_event(rid, ReleasePaused, LONG).await?;
+    // More commands than a release may have events, as a runaway script would send them.
+    let cli = baton.bus.bus("cli").await?;
+    let subject = EventSubject::new(
+        "test".parse()?,
+        "web".parse()?,
+        rid,
+        EventType::ReleasePauseRequested,
+    );
+    for i in 0..baton_core::bus::MAX_EVENTS_PER_RELEASE {
+        let event = E::new(
+            rid,
+            EventKey::Named(&format!("flood-{i}")),
+            Payload::ReleasePauseRequested(ReleasePauseRequested::default()),
+            cli.source(),
+            "runaway",
+            "",
+        );
+        cli.publish(&subject, &event).await?;
+    }
+    // The trigger past the bound is refused, the release fails with the reason and is rolled
+    // back (the agents read only its first events for that): the canary is gone.
+    let state = baton_tests::eventually("the flooded release to end", LONG, || {
+        let cli = cli.clone();
+        async move {
+            let (events, _) = cli.release_history_head(rid, 5000).await?;
+            let state = fold(&events);
+            let told: Vec<String> = events
+                .iter()
+                .filter(|e| e.event_type != ReleasePauseRequested)
+                .map(|e| format!("{} {:?}", e.event_type, e.payload()))
+                .collect();
+            Ok(state.terminal.is_some().then_some((state, told)))
+        }
+    })
+    .await?;
+    let (state, told) = state;
+    let reason = state.terminal_reason.clone().unwrap_or_default();
+    ensure!(
+        state.terminal == Some(ReleaseRolledBack) && reason.contains("more than the 1000"),
+        "ended {:?}: {reason}\n{}",
+        state.terminal,
+        told.join("\n")
+    );
+    ensure!(
+        baton.image_of("web").await? == before,
+        "the stable Deployment changed"
+    );
+    let client = baton.cluster.client().await?;
+    let canary = Api::<Deployment>::namespaced(client, &baton.ns.name)
+        .get_opt("web-canary")
+        .await?;
+    ensure!(canary.is_none(), "the canary was left behind");
     Ok(())
 }
