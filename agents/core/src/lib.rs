@@ -18,7 +18,6 @@ pub use baton_model::{
 /// Configuration: parsing and resolution (`baton-model`), and its versioned storage on the bus.
 pub mod config {
     pub use baton_model::config::*;
-    #[path = "../config_store.rs"]
     pub mod store;
 }
 
