@@ -48,8 +48,12 @@ impl Args {
         service.use_registry(supervisor.metrics().clone());
         let handler = service.handler();
         let readiness = service.readiness();
+        let shutdown = supervisor.shutdown();
         supervisor.spawn("metrics service", async move {
-            service.join(Duration::from_secs(20)).await;
+            // The service's tasks run until the signal; then they get a moment to stop. (Joining
+            // with a timeout before the signal would drop, and so abort, them.)
+            shutdown.cancelled().await;
+            service.join(Duration::from_secs(5)).await;
         });
         supervisor.run(handler, Some(readiness)).await?;
         Ok(())
