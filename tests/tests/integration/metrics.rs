@@ -23,6 +23,7 @@ pub fn trials() -> Vec<Trial> {
         the_history_lists_releases_newest_first_with_their_status,
         a_bad_request_gets_a_clear_error_and_the_agent_keeps_answering,
         without_a_metrics_agent_the_cli_says_so_and_exits_1,
+        the_metrics_agent_keeps_answering_long_after_it_started,
     ]
 }
 
@@ -756,5 +757,21 @@ async fn without_a_metrics_agent_the_cli_says_so_and_exits_1() -> Result<()> {
         ensure!(err.contains(&expected), "baton {args:?} said: {err}");
         ensure!(out.is_empty(), "baton {args:?} printed {out:?}");
     }
+    Ok(())
+}
+
+async fn the_metrics_agent_keeps_answering_long_after_it_started() -> Result<()> {
+    let env = BusEnv::start().await?;
+    let mut agent = AgentProcess::start(&env, "metrics", &[], env.sandbox.dir()).await?;
+    // Its reader, keeper and responder are background tasks of the agent: they live as long as
+    // it does (past any start-up or shutdown timeout of theirs, 20 s and more).
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let (code, out, err) = baton(&env, &["history", "--output", "json"]).await?;
+    ensure!(
+        code == 0,
+        "baton history exited {code} 25 s after the agent started: {err}"
+    );
+    ensure!(out.trim() == "[]", "baton history printed {out}");
+    ensure!(agent.process.is_running(), "the agent died");
     Ok(())
 }
