@@ -19,6 +19,7 @@ pub fn trials() -> Vec<Trial> {
     crate::trials![
         bad_messages_land_in_the_dead_letter_subject_with_a_reason_while_the_agent_keeps_consuming,
         every_agent_consumes_its_events_and_stops_cleanly_on_sigterm,
+        an_agent_refuses_a_bad_bound_or_grace_at_start_naming_the_flag,
     ]
 }
 
@@ -299,6 +300,59 @@ async fn every_agent_consumes_its_events_and_stops_cleanly_on_sigterm() -> Resul
             log.contains("stopped"),
             "{} did not log its shutdown",
             agent.name
+        );
+    }
+    Ok(())
+}
+
+async fn an_agent_refuses_a_bad_bound_or_grace_at_start_naming_the_flag() -> Result<()> {
+    let cases: [(&str, &[&str], &str); 6] = [
+        (
+            "deployer",
+            &["--max-in-flight", "0"],
+            "not a number from 1 to 100000",
+        ),
+        (
+            "builder",
+            &["--max-in-flight", "many"],
+            "not a number from 1 to 100000",
+        ),
+        (
+            "rollback",
+            &["--shutdown-grace", "1h"],
+            "not between 1s and 10m",
+        ),
+        (
+            "metrics",
+            &["--shutdown-grace", "soon"],
+            "is not a duration",
+        ),
+        (
+            "health-checker",
+            &["--shutdown-grace", "0s"],
+            "not between 1s and 10m",
+        ),
+        (
+            "deployer",
+            &["--fault-write-delay", "4 seconds"],
+            "is not a duration",
+        ),
+    ];
+    for (agent, args, says) in cases {
+        let out = tokio::process::Command::new(baton_tests::target_bin(&format!("baton-{agent}"))?)
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2),
+            "baton-{agent} {args:?} exited {:?}: {err}",
+            out.status.code()
+        );
+        ensure!(
+            err.contains(args[0]) && err.contains(says),
+            "baton-{agent} {args:?} said: {err}"
         );
     }
     Ok(())
