@@ -126,60 +126,7 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 
 /// Parses RFC 3339 (`2026-11-26T09:30:00Z`, `…+02:00`, fractions allowed).
 pub fn parse_rfc3339(text: &str) -> anyhow::Result<SystemTime> {
-    let bad = || anyhow!("{text:?} is not an RFC 3339 time such as 2026-11-26T09:30:00Z");
-    let b = text.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return Err(bad());
-    }
-    let num = |r: std::ops::Range<usize>| {
-        text.get(r)
-            .and_then(|s| s.parse::<i64>().ok())
-            .ok_or_else(bad)
-    };
-    let (y, mo, d, h, mi, s) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
-        return Err(bad());
-    }
-    let mut rest = &text[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
-            let oh: i64 = rest[1..3].parse().map_err(|_| bad())?;
-            let om: i64 = rest[4..6].parse().map_err(|_| bad())?;
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (oh * 3600 + om * 60)
-        }
-        _ => return Err(bad()),
-    };
-    // Days from civil (Howard Hinnant).
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + s - offset;
-    u64::try_from(secs)
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-        .map_err(|_| bad())
+    baton_core::time::parse_rfc3339(text).map_err(|e| anyhow!(e))
 }
 
 pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitCode> {

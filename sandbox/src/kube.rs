@@ -381,7 +381,7 @@ fn write_kubeconfig(path: &Path, server: &str, ca_path: &Path, token: &str) -> R
         }],
         "current-context": "baton-sandbox",
     });
-    let yaml = serde_yaml::to_string(&config).map_err(|e| SandboxError::Io {
+    let yaml = serde_yaml_ng::to_string(&config).map_err(|e| SandboxError::Io {
         what: "serialize the kubeconfig",
         path: path.to_path_buf(),
         source: std::io::Error::other(e),

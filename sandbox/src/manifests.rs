@@ -28,13 +28,13 @@ pub async fn apply_file(file: &Path, kubeconfig: &Path, wait: bool) -> anyhow::R
         .await
         .context("discovering the API")?;
     let mut deployments = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let value = serde_yaml_ng::Value::deserialize(doc)
             .with_context(|| format!("document {} is not YAML", i + 1))?;
         if value.is_null() {
             continue;
         }
-        let obj: DynamicObject = serde_yaml::from_value(value)
+        let obj: DynamicObject = serde_yaml_ng::from_value(value)
             .with_context(|| format!("document {} is not a Kubernetes object", i + 1))?;
         let types = obj
             .types

@@ -44,7 +44,7 @@ impl RegistryServer {
             "http": { "addr": host_port },
         });
         let config_path = dir.join("registry.yml");
-        // JSON is YAML, and serde_yaml would quote nothing differently here.
+        // JSON is YAML, and serde_yaml_ng would quote nothing differently here.
         std::fs::write(&config_path, config.to_string()).map_err(|source| SandboxError::Io {
             what: "write the registry config",
             path: config_path.clone(),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 /// The repository's top folder.
 pub fn repo_root() -> PathBuf {
@@ -40,7 +40,7 @@ fn dockerfile_binaries(dockerfile: &str) -> Vec<String> {
 
 pub fn check(root: &Path) -> Result<()> {
     let compose_path = root.join("compose.yaml");
-    let mut compose: Value = serde_yaml::from_str(&std::fs::read_to_string(&compose_path)?)
+    let mut compose: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&compose_path)?)
         .with_context(|| format!("parsing {}", compose_path.display()))?;
     // `<<: *agent` merges, as compose does.
     compose.apply_merge()?;

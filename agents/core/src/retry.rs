@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
+use backon::{BackoffBuilder, ExponentialBuilder};
 
 /// Delay before the next delivery of a message that failed with a retryable error, given how
 /// many times it has been delivered already (1 = first delivery). Jittered by ±25%.
@@ -34,16 +33,17 @@ fn rand_unit() -> f64 {
 }
 
 /// A back-off for calls an agent retries in place (connecting, reading history): starts at
-/// 100 ms, grows ×2 with jitter, caps each wait at 5 s and gives up after `max_elapsed`.
-pub fn policy(max_elapsed: Duration) -> ExponentialBackoff {
-    ExponentialBackoff {
-        initial_interval: Duration::from_millis(100),
-        max_interval: Duration::from_secs(5),
-        multiplier: 2.0,
-        randomization_factor: 0.25,
-        max_elapsed_time: Some(max_elapsed),
-        ..ExponentialBackoff::default()
-    }
+/// 100 ms, grows ×2 with jitter, caps each wait at 5 s and ends once the waits add up to
+/// `max_elapsed`. (backon, the retry crate kube's runtime is built on.)
+pub fn policy(max_elapsed: Duration) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .with_total_delay(Some(max_elapsed))
+        .build()
 }
 
 /// Runs `op` until it succeeds, it fails with an error `retryable` says is permanent, or the
@@ -61,7 +61,7 @@ where
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if retryable(&e) => match backoff.next_backoff() {
+            Err(e) if retryable(&e) => match backoff.next() {
                 Some(wait) => tokio::time::sleep(wait).await,
                 None => return Err(e),
             },

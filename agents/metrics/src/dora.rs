@@ -38,7 +38,7 @@ use baton_core::Status;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{Filter, History, Record};
-use crate::time::rfc3339;
+use baton_core::time::rfc3339_ms as rfc3339;
 
 pub const DAY_SECONDS: u64 = 86_400;
 

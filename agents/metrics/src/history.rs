@@ -14,7 +14,7 @@ use baton_core::Status;
 use baton_proto::v1::Strategy;
 use serde::Serialize;
 
-use crate::time::rfc3339;
+use baton_core::time::rfc3339_ms as rfc3339;
 
 /// One release as the history knows it.
 #[derive(Debug, Clone)]

@@ -15,7 +15,6 @@ pub mod prom;
 pub mod service;
 #[cfg(test)]
 mod testing;
-mod time;
 
 use std::time::Duration;
 

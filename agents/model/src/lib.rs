@@ -19,6 +19,7 @@ pub mod limits;
 pub mod names;
 pub mod subject;
 pub mod testing;
+pub mod time;
 pub mod validate;
 
 pub use event::{Event, EventType, Role};

@@ -6,7 +6,7 @@
 //! `update`, `history`); `create_key_value` reads the account info, which async-nats cannot parse
 //! from that server.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv::{self, Operation};
 use futures::StreamExt;
@@ -287,6 +287,48 @@ pub async fn at_revision(bus: &Bus, revision: u64) -> Result<(Revision, String)>
     find(&store, revision).await
 }
 
+/// The configuration of one stored revision, read by its sequence alone — one message, however
+/// long the history: what an agent checks a release's spec against.
+pub async fn config_at(bus: &Bus, revision: u64) -> Result<Config> {
+    let unknown = || StoreError::UnknownRevision {
+        revision,
+        known: "see `baton config history`".into(),
+    };
+    if revision == 0 {
+        return Err(unknown());
+    }
+    let stream = timed(
+        "opening the configuration bucket",
+        bus.jetstream().get_stream(format!("KV_{CONFIG_BUCKET}")),
+    )
+    .await?
+    .map_err(|e| StoreError::Bucket {
+        bucket: CONFIG_BUCKET.into(),
+        message: e.to_string(),
+    })?;
+    let message = timed("reading the configuration", stream.direct_get(revision)).await?;
+    let message = match message {
+        Ok(m) => m,
+        Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+            return Err(unknown())
+        }
+        Err(e) => return Err(read_err(e)),
+    };
+    let deleted = message
+        .headers
+        .get("KV-Operation")
+        .is_some_and(|op| op.as_str() != "PUT");
+    if message.subject.as_str() != format!("$KV.{CONFIG_BUCKET}.{CONFIG_KEY}") || deleted {
+        return Err(unknown());
+    }
+    let doc = decode(revision, &message.payload)?;
+    let config = parse(&doc.yaml).map_err(|e| StoreError::Corrupt {
+        revision,
+        message: format!("it no longer validates:\n{e}"),
+    })?;
+    Ok(config.with_revision(revision))
+}
+
 /// Makes revision `revision`'s text current again, as a new revision (validated again first:
 /// the rules may have grown stricter since). Nothing is stored when it is already current.
 pub async fn rollback(bus: &Bus, revision: u64, applied_by: &str) -> Result<Applied> {
@@ -295,35 +337,12 @@ pub async fn rollback(bus: &Bus, revision: u64, applied_by: &str) -> Result<Appl
     store_text(&store, &text, applied_by).await
 }
 
-/// RFC 3339 in UTC with second precision (`2024-05-01T12:00:00Z`).
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
+pub use baton_model::time::rfc3339;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn rfc3339_timestamps_are_utc_dates() {
