@@ -45,6 +45,8 @@ start_agents() {
   echo "== starting the five agents (logs in $work)"
   local port=19090 agent p
   for agent in builder deployer health-checker rollback metrics; do
+    # Each agent is given a folder with its own NATS seed alone.
+    BATON_CREDENTIALS=$BATON_USER_CREDENTIALS/$agent \
     BATON_PLAIN_HTTP_REGISTRIES=$BATON_REGISTRY BATON_LOG=${BATON_LOG:-info,async_nats=warn} \
       "$bin/baton-$agent" --cluster sandbox \
       --http-addr "127.0.0.1:$port" >"$work/$agent.log" 2>&1 &

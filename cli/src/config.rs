@@ -43,7 +43,7 @@ pub async fn run(nats: &NatsArgs, cmd: ConfigCommand) -> anyhow::Result<()> {
             let text = read(&file)?;
             // Refused before connecting: a bad file never reaches the bus.
             validate(&file, &text)?;
-            let bus = crate::connect(nats).await?;
+            let bus = crate::connect_as(nats, "config").await?;
             let applied = store::apply(&bus, &text, &actor())
                 .await
                 .with_context(|| format!("applying {}", file.display()))?;
@@ -103,7 +103,7 @@ pub async fn run(nats: &NatsArgs, cmd: ConfigCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ConfigCommand::Rollback { revision } => {
-            let bus = crate::connect(nats).await?;
+            let bus = crate::connect_as(nats, "config").await?;
             let applied = store::rollback(&bus, revision, &actor())
                 .await
                 .with_context(|| {

@@ -81,6 +81,24 @@ pub enum BusCommand {
     },
     /// Make a NATS credential (nkey) for every Baton user: `<user>.nk` seeds for the CLI and the
     /// agents, and `nkeys.env` with the public keys nats-server.conf reads (BATON_NKEY_<USER>)
+    /// Print the users and permissions block of nats-server's configuration (`accounts`), for
+    /// the agents of the given clusters: include it from nats-server.conf
+    Auth {
+        /// A cluster whose agents use this bus (repeatable, or comma-separated)
+        #[arg(
+            long = "clusters",
+            alias = "cluster",
+            required = true,
+            value_delimiter = ','
+        )]
+        clusters: Vec<String>,
+        /// A bus-config folder to derive it from instead of the definitions built into baton
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Write to this file instead of standard output
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     Credentials {
         /// Folder to write into (created if missing)
         #[arg(long)]
@@ -113,6 +131,9 @@ impl Cli {
                 user,
                 clusters,
             }) => done(bus_apply(&self.nats, dir, &user, &clusters).await),
+            Command::Bus(BusCommand::Auth { clusters, dir, out }) => {
+                done(bus_auth(&clusters, dir, out))
+            }
             Command::Bus(BusCommand::Credentials { out, force }) => {
                 done(credentials::write(&out, force))
             }
@@ -122,7 +143,13 @@ impl Cli {
 
 /// Connects as the CLI's own NATS user, failing at once with a clear error.
 pub async fn connect(nats: &NatsArgs) -> anyhow::Result<Bus> {
-    Bus::connect(nats, "cli", source(), InitialConnect::FailFast)
+    connect_as(nats, "cli").await
+}
+
+/// Connects as `user`: `cli` to release and query, `config` to change the configuration
+/// (two roles, so that CI may release without being able to change what a release runs).
+pub async fn connect_as(nats: &NatsArgs, user: &str) -> anyhow::Result<Bus> {
+    Bus::connect(nats, user, source(), InitialConnect::FailFast)
         .await
         .with_context(|| format!("connecting to NATS at {}", nats.url))
 }
@@ -159,6 +186,31 @@ async fn bus_apply(
     match report.changed() {
         0 => println!("bus is up to date: nothing changed"),
         n => println!("bus applied: {n} change(s)"),
+    }
+    Ok(())
+}
+
+fn bus_auth(clusters: &[String], dir: Option<PathBuf>, out: Option<PathBuf>) -> anyhow::Result<()> {
+    for c in clusters {
+        baton_core::names::validate_dns_label("cluster name", c)
+            .map_err(|e| anyhow::anyhow!("--clusters: {e}"))?;
+    }
+    let defs = match &dir {
+        Some(d) => Definitions::load(d)?,
+        None => Definitions::embedded()?,
+    };
+    let text = baton_core::busauth::render(&defs, clusters);
+    match out {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            println!(
+                "wrote the users and permissions of {} for cluster(s) {} to {}",
+                baton_core::busauth::USERS.join(", "),
+                clusters.join(", "),
+                path.display()
+            );
+        }
+        None => print!("{text}"),
     }
     Ok(())
 }

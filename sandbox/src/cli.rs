@@ -40,6 +40,13 @@ enum Command {
         /// Directory holding nats-server.conf.
         #[arg(long, env = "BATON_BUS_CONFIG")]
         bus_config: Option<PathBuf>,
+        /// nats-servers: 1, or 3 for a JetStream cluster on loopback (every stream and bucket
+        /// then has three replicas)
+        #[arg(long = "nats-cluster", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        nats_cluster: u8,
+        /// Clusters whose agents use the bus (comma-separated)
+        #[arg(long, value_delimiter = ',', default_values_t = crate::DEFAULT_CLUSTERS.map(String::from))]
+        clusters: Vec<String>,
     },
     /// Create an image in the registry and print its digest.
     PushImage {
@@ -158,7 +165,24 @@ impl Command {
                 nodes,
                 nats_only,
                 bus_config,
-            } => up(env_file, nodes, nats_only, bus_config).await,
+                nats_cluster,
+                clusters,
+            } => {
+                let mut options = if nats_only {
+                    SandboxOptions::nats_only()
+                } else {
+                    SandboxOptions {
+                        nodes,
+                        ..SandboxOptions::default()
+                    }
+                };
+                if let Some(dir) = bus_config {
+                    options.bus_config_dir = dir;
+                }
+                options.nats_servers = usize::from(nats_cluster);
+                options.clusters = clusters;
+                up(env_file, options).await
+            }
             Command::Apply {
                 file,
                 kubeconfig,
@@ -183,28 +207,13 @@ impl Command {
     }
 }
 
-async fn up(
-    env_file: Option<PathBuf>,
-    nodes: usize,
-    nats_only: bool,
-    bus_config: Option<PathBuf>,
-) -> anyhow::Result<()> {
+async fn up(env_file: Option<PathBuf>, options: SandboxOptions) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
     // Listen before starting, so that a Ctrl-C during startup still cleans up.
     let mut term = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
-    let mut options = if nats_only {
-        SandboxOptions::nats_only()
-    } else {
-        SandboxOptions {
-            nodes,
-            ..SandboxOptions::default()
-        }
-    };
-    if let Some(dir) = bus_config {
-        options.bus_config_dir = dir;
-    }
+    let clusters = options.clusters.clone();
     let bus_config_dir = options.bus_config_dir.clone();
     let sandbox = tokio::select! {
         sandbox = Sandbox::start(options) => sandbox.context("failed to start the sandbox")?,
@@ -212,7 +221,7 @@ async fn up(
         _ = int.recv() => bail!("interrupted during startup"),
     };
     // Baton's bus: streams, consumers, buckets — so agents and the CLI can start at once.
-    apply_bus(&sandbox, &bus_config_dir)
+    apply_bus(&sandbox, &bus_config_dir, &clusters)
         .await
         .context("failed to apply Baton's bus definitions")?;
     let env = sandbox.env();
@@ -238,9 +247,13 @@ async fn up(
     Ok(())
 }
 
-async fn apply_bus(sandbox: &Sandbox, bus_config_dir: &std::path::Path) -> anyhow::Result<()> {
+async fn apply_bus(
+    sandbox: &Sandbox,
+    bus_config_dir: &std::path::Path,
+    clusters: &[String],
+) -> anyhow::Result<()> {
     let args = baton_core::bus::NatsArgs {
-        url: sandbox.nats().url().to_owned(),
+        url: sandbox.nats_cluster().urls(),
         credentials_dir: Some(sandbox.nats().credentials_dir().to_path_buf()),
         ..Default::default()
     };
@@ -257,8 +270,7 @@ async fn apply_bus(sandbox: &Sandbox, bus_config_dir: &std::path::Path) -> anyho
     )
     .await?;
     let defs = baton_core::busconfig::Definitions::load(bus_config_dir)?;
-    let report =
-        baton_core::busconfig::apply(bus.jetstream(), &defs, &["sandbox".to_owned()]).await?;
+    let report = baton_core::busconfig::apply(bus.jetstream(), &defs, clusters).await?;
     info!(changes = report.changed(), "bus applied");
     Ok(())
 }

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 pub use crate::error::{Result, SandboxError};
 pub use crate::kube::KubeCluster;
-pub use crate::nats::{NatsServer, NATS_USERS};
+pub use crate::nats::{NatsCluster, NatsServer, DEFAULT_CLUSTERS, NATS_USERS};
 pub use crate::registry_server::RegistryServer;
 
 /// Installs rustls' ring provider as the process default (kube and reqwest are built without
@@ -52,6 +52,11 @@ pub struct SandboxOptions {
     pub bus_config_dir: PathBuf,
     /// Behaviour of the simulated nodes; `nodes` above overrides its node count.
     pub node_options: node::NodeOptions,
+    /// nats-servers: 1 for a single server, 3 for a JetStream cluster (streams and buckets
+    /// then get the cluster's replicas from bus-config/replicas.json).
+    pub nats_servers: usize,
+    /// The clusters whose agents use this bus (their users may use their consumers).
+    pub clusters: Vec<String>,
 }
 
 impl Default for SandboxOptions {
@@ -62,6 +67,8 @@ impl Default for SandboxOptions {
             registry: true,
             bus_config_dir: default_bus_config_dir(),
             node_options: node::NodeOptions::default(),
+            nats_servers: 1,
+            clusters: DEFAULT_CLUSTERS.iter().map(|c| c.to_string()).collect(),
         }
     }
 }
@@ -85,8 +92,11 @@ pub struct SandboxEnv {
     pub kubeconfig: Option<PathBuf>,
     /// `127.0.0.1:PORT`
     pub registry: Option<String>,
-    /// Directory of `<user>.nk` nkey seeds.
+    /// Directory of `<user>.nk` nkey seeds: every user's, for the sandbox's operator.
     pub credentials: PathBuf,
+    /// Directory of one folder per user holding only that user's seed (`<user>/<user>.nk`):
+    /// an agent is given its own.
+    pub user_credentials: Option<PathBuf>,
 }
 
 impl SandboxEnv {
@@ -100,6 +110,9 @@ impl SandboxEnv {
             vars.push(("BATON_REGISTRY", registry.clone()));
         }
         vars.push(("BATON_CREDENTIALS", self.credentials.display().to_string()));
+        if let Some(dir) = &self.user_credentials {
+            vars.push(("BATON_USER_CREDENTIALS", dir.display().to_string()));
+        }
         vars
     }
 
@@ -131,7 +144,7 @@ fn shell_quote(value: &str) -> String {
 pub struct Sandbox {
     // Dropped in this order: the nodes stop before the control plane goes away.
     nodes: Option<node::NodeSimulator>,
-    nats: NatsServer,
+    nats: NatsCluster,
     kube: Option<KubeCluster>,
     registry: Option<RegistryServer>,
     // Last, so that it is removed after the servers have stopped.
@@ -143,7 +156,7 @@ impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sandbox")
             .field("dir", &self.dir.path())
-            .field("nats", &self.nats.url())
+            .field("nats", &self.nats.urls())
             .field("kube", &self.kube.as_ref().map(KubeCluster::server))
             .field(
                 "registry",
@@ -193,7 +206,12 @@ impl Sandbox {
 
         let path = dir.path();
         let (nats, kube, registry) = tokio::join!(
-            NatsServer::start(path, &options.bus_config_dir),
+            NatsCluster::start(
+                path,
+                &options.bus_config_dir,
+                options.nats_servers,
+                &options.clusters
+            ),
             async {
                 match options.kube {
                     true => KubeCluster::start(path, &http).await.map(Some),
@@ -265,7 +283,13 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// The (first) nats-server.
     pub fn nats(&self) -> &NatsServer {
+        self.nats.first()
+    }
+
+    /// Every nats-server of the bus.
+    pub fn nats_cluster(&self) -> &NatsCluster {
         &self.nats
     }
 
@@ -313,13 +337,19 @@ impl Sandbox {
 
     pub fn env(&self) -> SandboxEnv {
         SandboxEnv {
-            nats_url: self.nats.url().to_string(),
+            nats_url: self.nats.urls(),
             kubeconfig: self
                 .kube
                 .as_ref()
                 .map(|k| k.kubeconfig_path().to_path_buf()),
             registry: self.registry_host().map(str::to_string),
-            credentials: self.nats.credentials_dir().to_path_buf(),
+            credentials: self.nats.first().credentials_dir().to_path_buf(),
+            user_credentials: self
+                .nats
+                .first()
+                .credentials_dir_of("admin")
+                .parent()
+                .map(Path::to_path_buf),
         }
     }
 
@@ -419,6 +449,7 @@ mod tests {
             kubeconfig: Some(PathBuf::from("/tmp/my sandbox/kubeconfig")),
             registry: Some("127.0.0.1:5000".into()),
             credentials: PathBuf::from("/tmp/it's/credentials"),
+            user_credentials: None,
         };
         assert_eq!(
             env.to_env_file(),
@@ -436,6 +467,7 @@ mod tests {
             kubeconfig: None,
             registry: None,
             credentials: PathBuf::from("/tmp/c"),
+            user_credentials: None,
         };
         assert_eq!(
             env.to_env_file(),

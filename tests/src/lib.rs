@@ -12,6 +12,7 @@ pub mod compose;
 pub use compose::repo_root;
 pub mod harness;
 pub mod release;
+pub mod specconfig;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use baton_core::bus::{Bus, InitialConnect, NatsArgs, Source};
 use baton_core::busconfig::{self, Definitions};
+use baton_proto::v1::ReleaseSpec;
 use baton_sandbox::process::{ManagedProcess, ProcessSpec};
 use baton_sandbox::{Sandbox, SandboxOptions};
 
@@ -53,14 +55,31 @@ pub const CLUSTER: &str = "sandbox";
 /// A nats-server of its own with Baton's bus applied.
 pub struct BusEnv {
     pub sandbox: Sandbox,
+    /// The configuration [`BusEnv::configured`] has stored so far (every app and environment
+    /// of the specs it was given).
+    configured: tokio::sync::Mutex<serde_json::Value>,
 }
 
 impl BusEnv {
     pub async fn start() -> Result<BusEnv> {
-        let sandbox = Sandbox::start(SandboxOptions::nats_only())
-            .await
-            .context("starting nats-server")?;
-        let env = BusEnv { sandbox };
+        Self::start_servers(1).await
+    }
+
+    /// A bus of `servers` nats-servers: 3 for a JetStream cluster whose streams and buckets
+    /// have three replicas.
+    pub async fn start_servers(servers: usize) -> Result<BusEnv> {
+        let sandbox = Sandbox::start(SandboxOptions {
+            nats_servers: servers,
+            ..SandboxOptions::nats_only()
+        })
+        .await
+        .context("starting nats-server")?;
+        let env = BusEnv {
+            sandbox,
+            configured: tokio::sync::Mutex::new(serde_json::json!({
+                "environments": {}, "apps": {}
+            })),
+        };
         let admin = env.bus("admin").await?;
         busconfig::apply(
             admin.jetstream(),
@@ -75,7 +94,7 @@ impl BusEnv {
     /// Connection flags as the binaries take them.
     pub fn nats_args(&self) -> NatsArgs {
         NatsArgs {
-            url: self.sandbox.nats().url().to_owned(),
+            url: self.sandbox.nats_cluster().urls(),
             credentials_dir: Some(self.sandbox.nats().credentials_dir().to_path_buf()),
             ..NatsArgs::default()
         }
@@ -94,13 +113,49 @@ impl BusEnv {
     /// Environment for a Baton binary talking to this bus.
     pub fn process_env(&self) -> Vec<(String, String)> {
         vec![
-            ("NATS_URL".into(), self.sandbox.nats().url().to_owned()),
+            ("NATS_URL".into(), self.sandbox.nats_cluster().urls()),
             (
                 "BATON_CREDENTIALS".into(),
                 self.sandbox.nats().credentials_dir().display().to_string(),
             ),
             ("BATON_LOG".into(), "info,async_nats=warn".into()),
         ]
+    }
+}
+
+impl BusEnv {
+    /// Stores, as a new configuration revision, the app and environment settings that resolve
+    /// to `spec` (on top of what earlier calls stored), and returns the spec as that revision
+    /// resolves it: what a test publishes in place of a hand-made spec, since agents act only
+    /// on a spec its configuration revision backs. A spec the configuration can't express
+    /// (an invalid one, kept for the test of its refusal) is returned as it is.
+    pub async fn configured(&self, spec: ReleaseSpec) -> Result<ReleaseSpec> {
+        use baton_core::config::{self, store, Overrides};
+        let mut doc = self.configured.lock().await;
+        let mut next = doc.clone();
+        next["environments"][&spec.env] = specconfig::environment_of(&spec);
+        next["apps"][&spec.app] = specconfig::app_settings_of(&spec);
+        let text = serde_json::to_string_pretty(&next)?;
+        if config::parse(&text).is_err() {
+            return Ok(spec);
+        }
+        let bus = self.bus("config").await?;
+        let applied = store::apply(&bus, &text, "tests").await?;
+        *doc = next;
+        let overrides = Overrides {
+            image: spec.image.clone(),
+            strategy: baton_proto::v1::Strategy::try_from(spec.strategy).ok(),
+            commit: (!spec.commit.is_empty()).then(|| spec.commit.clone()),
+            commit_time: spec
+                .commit_time
+                .and_then(|t| std::time::SystemTime::try_from(t).ok()),
+        };
+        let resolved = config::parse(&text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_revision(applied.revision)
+            .resolve(&spec.app, &spec.env, &overrides)
+            .map_err(|e| anyhow::anyhow!("the stored configuration does not resolve: {e}"))?;
+        Ok(resolved)
     }
 }
 
@@ -133,6 +188,15 @@ impl AgentProcess {
         for (k, v) in bus.process_env() {
             spec = spec.env(k, v);
         }
+        // An agent is given its own seed and nothing else (the folder the sandbox made for it).
+        spec = spec.env(
+            "BATON_CREDENTIALS",
+            bus.sandbox
+                .nats()
+                .credentials_dir_of(agent)
+                .display()
+                .to_string(),
+        );
         for (k, v) in extra {
             spec = spec.env(*k, *v);
         }

@@ -126,6 +126,17 @@ impl Baton {
         replicas: i32,
         agent_env: &[(&str, &str)],
     ) -> Result<Baton> {
+        Self::start_on(BusEnv::start().await?, prefix, apps, replicas, agent_env).await
+    }
+
+    /// Like [`start_with`](Self::start_with), on the bus given (e.g. a 3-server cluster).
+    pub async fn start_on(
+        bus: BusEnv,
+        prefix: &str,
+        apps: &[&str],
+        replicas: i32,
+        agent_env: &[(&str, &str)],
+    ) -> Result<Baton> {
         let cluster = shared()?;
         let ns = TestNamespace::create(&cluster, prefix).await?;
         let repo = format!("{}-web", ns.name);
@@ -159,7 +170,6 @@ impl Baton {
                 .with_context(|| format!("{app}:v1 never became available"))??;
         }
 
-        let bus = BusEnv::start().await?;
         let kubeconfig = cluster.kubeconfig.display().to_string();
         let mut agents = Vec::new();
         for name in AGENTS {

@@ -150,7 +150,7 @@ impl Supervisor {
             cluster: args.cluster.clone(),
             instance: args.instance(role),
         };
-        tracing::info!(agent = %role, cluster = %args.cluster, instance = %source.instance, nats = %args.nats.url, max_in_flight = args.max_in_flight, "starting");
+        tracing::info!(agent = %role, cluster = %args.cluster, instance = %source.instance, nats = %crate::names::redact_url(&args.nats.url), max_in_flight = args.max_in_flight, "starting");
         let bus = Bus::connect(&args.nats, role.as_str(), source, InitialConnect::Retry).await?;
         Ok(Supervisor {
             args,
@@ -255,6 +255,7 @@ impl Supervisor {
                 metrics: self.metrics.clone(),
                 shutdown: self.shutdown.clone(),
                 limits: self.limits(),
+                specs: Default::default(),
             };
             runtime::run_consumers(ctx, consumers, handler).await;
         }

@@ -23,17 +23,32 @@ pub const LOCKS_BUCKET: &str = "BATON_LOCKS";
 pub const CONFIG_BUCKET: &str = "BATON_CONFIG";
 pub const LOGS_BUCKET: &str = "BATON_LOGS";
 
-/// The NATS users of `bus-config/nats-server.conf`: the administrator (who applies the bus), the
-/// CLI, and one per agent.
-pub const NATS_USERS: [&str; 7] = [
-    "admin",
-    "cli",
-    "builder",
-    "deployer",
-    "health-checker",
-    "rollback",
-    "metrics",
-];
+/// The NATS users of Baton: the administrator (who applies the bus), people and CI (`cli` to
+/// release, `config` to change configuration), and one per agent. See [`crate::busauth`].
+pub use crate::busauth::USERS as NATS_USERS;
+
+/// The servers of a comma-separated URL list (`nats://a:4222,nats://b:4222`): every server of a
+/// cluster, so that the client reaches the bus while any one is up (and it learns of the others
+/// the servers announce).
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse().map_err(|e| {
+                Error::Url(format!(
+                    "NATS URL {} is not valid: {e}",
+                    crate::names::redact_url(u)
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    if addrs.is_empty() {
+        return Err(Error::Url("no NATS URL given (--nats-url)".into()));
+    }
+    Ok(addrs)
+}
 
 /// How often the client pings the server: a dead broker is noticed within a few of these.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
@@ -171,6 +186,8 @@ impl Bus {
             .ping_interval(PING_INTERVAL)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(REQUEST_TIMEOUT))
+            // Replies come to this user's own inbox prefix, the only one it may subscribe to.
+            .custom_inbox_prefix(crate::busauth::inbox_prefix(user))
             .max_reconnects(None)
             // Reconnect quickly: a restarted broker should be picked up in well under a second.
             .reconnect_delay_callback(|attempts| {
@@ -193,11 +210,12 @@ impl Bus {
         if initial == InitialConnect::Retry {
             options = options.retry_on_initial_connect();
         }
+        let servers = server_addrs(&args.url)?;
         let client = options
-            .connect(args.url.as_str())
+            .connect(servers.as_slice())
             .await
             .map_err(|source| Error::Connect {
-                url: args.url.clone(),
+                url: crate::names::redact_url(&args.url),
                 source,
             })?;
         let js = jetstream::new(client.clone());

@@ -64,7 +64,32 @@ const EMBEDDED: &[(&str, &str)] = &[
         "objects/BATON_LOGS.json",
         include_str!("../../../bus-config/objects/BATON_LOGS.json"),
     ),
+    (
+        "replicas.json",
+        include_str!("../../../bus-config/replicas.json"),
+    ),
 ];
+
+/// How many copies of every stream and bucket: one on a single server, a quorum-replicated
+/// three on a cluster (`replicas.json`). A definition that sets its own `num_replicas` (streams)
+/// or `replicas` (buckets) keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replicas {
+    pub single_server: usize,
+    pub cluster: usize,
+}
+
+impl Replicas {
+    /// The number for a server that is (or is not) part of a cluster.
+    pub fn for_server(&self, clustered: bool) -> usize {
+        if clustered {
+            self.cluster
+        } else {
+            self.single_server
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +118,9 @@ pub struct KvDef {
     pub max_age_seconds: u64,
     #[serde(default = "file_storage")]
     pub storage: String,
+    /// Copies of the bucket; `replicas.json` decides when absent.
+    #[serde(default)]
+    pub replicas: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +133,9 @@ pub struct ObjectDef {
     pub max_age_seconds: u64,
     #[serde(default = "file_storage")]
     pub storage: String,
+    /// Copies of the store; `replicas.json` decides when absent.
+    #[serde(default)]
+    pub replicas: Option<usize>,
 }
 
 fn one() -> i64 {
@@ -163,6 +194,7 @@ pub struct Definitions {
     pub consumers: Vec<ConsumerDef>,
     pub kv: Vec<KvDef>,
     pub objects: Vec<ObjectDef>,
+    pub replicas: Replicas,
 }
 
 impl Definitions {
@@ -179,6 +211,12 @@ impl Definitions {
     /// The definitions in a `bus-config/` folder.
     pub fn load(dir: &Path) -> Result<Self> {
         let mut files = Vec::new();
+        let replicas = dir.join("replicas.json");
+        let text = std::fs::read_to_string(&replicas).map_err(|e| Error::Definition {
+            path: replicas.display().to_string(),
+            message: e.to_string(),
+        })?;
+        files.push(("replicas.json".to_string(), text));
         for sub in ["streams", "consumers", "kv", "objects"] {
             let path = dir.join(sub);
             let entries = std::fs::read_dir(&path).map_err(|e| Error::Definition {
@@ -218,13 +256,31 @@ impl Definitions {
         let mut agent_files = Vec::new();
         let mut kv = Vec::new();
         let mut objects = Vec::new();
+        let mut replicas = None;
         for (path, text) in &files {
             let value: Value = serde_json::from_str(text).map_err(|e| bad(path, e.to_string()))?;
+            if path == "replicas.json" {
+                let r: Replicas =
+                    serde_json::from_value(value).map_err(|e| bad(path, e.to_string()))?;
+                if r.single_server != 1 || !(1..=5).contains(&r.cluster) {
+                    return Err(bad(
+                        path,
+                        "single_server must be 1 and cluster 1 to 5 (JetStream's limits)".into(),
+                    ));
+                }
+                replicas = Some(r);
+                continue;
+            }
             match path.split_once('/').map(|(dir, _)| dir) {
                 Some("streams") => {
-                    // Must be a valid JetStream stream configuration.
-                    let config: stream::Config = serde_json::from_value(value.clone())
-                        .map_err(|e| bad(path, e.to_string()))?;
+                    // Must be a valid JetStream stream configuration (whose replicas may be
+                    // left to replicas.json).
+                    let mut check = value.clone();
+                    if let Value::Object(map) = &mut check {
+                        map.entry("num_replicas").or_insert_with(|| Value::from(1));
+                    }
+                    let config: stream::Config =
+                        serde_json::from_value(check).map_err(|e| bad(path, e.to_string()))?;
                     if config.name.is_empty() {
                         return Err(bad(path, "stream has no name".into()));
                     }
@@ -308,11 +364,13 @@ impl Definitions {
                 consumers.push(def);
             }
         }
+        let replicas = replicas.ok_or_else(|| bad("replicas.json", "missing".into()))?;
         Ok(Definitions {
             streams,
             consumers,
             kv,
             objects,
+            replicas,
         })
     }
 
@@ -410,15 +468,23 @@ fn to_value<T: serde::Serialize>(kind: &'static str, name: &str, v: &T) -> Resul
 }
 
 /// Creates or updates every definition on the server; per-cluster consumers for each of
-/// `clusters` (agents also create their own at start).
+/// `clusters` (agents also create their own at start). Streams and buckets get the replicas of
+/// `replicas.json` for the server they are applied to: a cluster's or a single server's.
 pub async fn apply(
     js: &jetstream::Context,
     defs: &Definitions,
     clusters: &[String],
 ) -> Result<ApplyReport> {
+    let clustered = js.client().server_info().cluster.is_some();
+    let replicas = defs.replicas.for_server(clustered);
     let mut report = ApplyReport::default();
     for (name, desired) in &defs.streams {
-        let action = apply_stream(js, name, desired).await?;
+        let mut desired = desired.clone();
+        if let Value::Object(map) = &mut desired {
+            map.entry("num_replicas")
+                .or_insert_with(|| Value::from(replicas));
+        }
+        let action = apply_stream(js, name, &desired).await?;
         report.changes.push(Change {
             kind: "stream",
             name: name.clone(),
@@ -434,7 +500,7 @@ pub async fn apply(
         });
     }
     for k in &defs.kv {
-        let action = apply_kv(js, k).await?;
+        let action = apply_kv(js, k, k.replicas.unwrap_or(replicas)).await?;
         report.changes.push(Change {
             kind: "kv bucket",
             name: k.bucket.clone(),
@@ -442,7 +508,7 @@ pub async fn apply(
         });
     }
     for o in &defs.objects {
-        let action = apply_object_store(js, o).await?;
+        let action = apply_object_store(js, o, o.replicas.unwrap_or(replicas)).await?;
         report.changes.push(Change {
             kind: "object store",
             name: o.bucket.clone(),
@@ -565,7 +631,7 @@ async fn update_backing_stream(
     Ok(Action::Updated { fields })
 }
 
-async fn apply_kv(js: &jetstream::Context, def: &KvDef) -> Result<Action> {
+async fn apply_kv(js: &jetstream::Context, def: &KvDef, replicas: usize) -> Result<Action> {
     let name = def.bucket.as_str();
     let storage_type = storage("kv bucket", name, &def.storage)?;
     let max_age = std::time::Duration::from_secs(def.max_age_seconds);
@@ -583,6 +649,10 @@ async fn apply_kv(js: &jetstream::Context, def: &KvDef) -> Result<Action> {
             if c.max_age != max_age {
                 c.max_age = max_age;
                 fields.push("max_age".into());
+            }
+            if c.num_replicas != replicas {
+                c.num_replicas = replicas;
+                fields.push("num_replicas".into());
             }
             fields
         })
@@ -602,7 +672,7 @@ async fn apply_kv(js: &jetstream::Context, def: &KvDef) -> Result<Action> {
         deny_purge: false,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
@@ -614,7 +684,11 @@ async fn apply_kv(js: &jetstream::Context, def: &KvDef) -> Result<Action> {
     Ok(Action::Created)
 }
 
-async fn apply_object_store(js: &jetstream::Context, def: &ObjectDef) -> Result<Action> {
+async fn apply_object_store(
+    js: &jetstream::Context,
+    def: &ObjectDef,
+    replicas: usize,
+) -> Result<Action> {
     let name = def.bucket.as_str();
     let storage_type = storage("object store", name, &def.storage)?;
     let max_age = std::time::Duration::from_secs(def.max_age_seconds);
@@ -629,6 +703,10 @@ async fn apply_object_store(js: &jetstream::Context, def: &ObjectDef) -> Result<
                 c.max_age = max_age;
                 fields.push("max_age".into());
             }
+            if c.num_replicas != replicas {
+                c.num_replicas = replicas;
+                fields.push("num_replicas".into());
+            }
             fields
         })
         .await;
@@ -638,6 +716,7 @@ async fn apply_object_store(js: &jetstream::Context, def: &ObjectDef) -> Result<
         description: Some(def.description.clone()),
         max_age,
         storage: storage_type,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

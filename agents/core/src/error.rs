@@ -14,6 +14,8 @@ pub enum Error {
     },
     #[error("NATS credentials: {0}")]
     Credentials(String),
+    #[error("{0}")]
+    Url(String),
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
@@ -68,7 +70,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::ReadCredentials { .. } | Error::Credentials(_) => "credentials",
-            Error::Connect { .. } => "connect",
+            Error::Connect { .. } | Error::Url(_) => "connect",
             Error::PermissionDenied { .. } => "permission",
             Error::Publish { .. } | Error::PublishTimeout { .. } => "publish",
             Error::Stream { .. } | Error::Consumer { .. } => "stream",

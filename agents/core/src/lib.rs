@@ -9,7 +9,7 @@
 
 pub use baton_kube::{bluegreen, rollout, workload};
 pub use baton_model::{
-    control, deadline, event, fold, ids, limits, names, subject, testing, validate,
+    control, deadline, event, fold, ids, limits, names, subject, testing, time, validate,
 };
 pub use baton_model::{
     AppName, EnvName, Event, EventKey, EventType, ReleaseId, ReleaseState, Role, Status,
@@ -23,6 +23,7 @@ pub mod config {
 
 pub mod agent;
 pub mod bus;
+pub mod busauth;
 pub mod busconfig;
 pub mod cluster;
 pub mod error;
@@ -33,4 +34,5 @@ pub mod metrics;
 pub mod retry;
 pub mod runtime;
 pub mod shutdown;
+pub mod specguard;
 pub mod telemetry;

@@ -199,9 +199,20 @@ pub struct AgentContext {
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub limits: Limits,
+    /// Checks release specs against the configuration revisions they name.
+    pub specs: std::sync::Arc<crate::specguard::SpecGuard>,
 }
 
 impl AgentContext {
+    /// Ok when `spec` is what the configuration revision it names resolves (see
+    /// [`crate::specguard`]): to be called before acting on any part of a spec.
+    pub async fn check_spec(
+        &self,
+        spec: &baton_proto::v1::ReleaseSpec,
+    ) -> std::result::Result<(), HandlerError> {
+        self.specs.check(&self.bus, spec).await
+    }
+
     /// Publishes an event of the same release, environment and app as `cause`, caused by it and
     /// on behalf of the same actor. `key` makes its id deterministic: handling `cause` again
     /// publishes nothing new.

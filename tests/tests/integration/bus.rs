@@ -34,7 +34,30 @@ fn subject(rid: ReleaseId, t: EventType) -> EventSubject {
 }
 
 fn requested(bus: &baton_core::bus::Bus, rid: ReleaseId) -> Event {
-    let spec = sample_spec("staging", "web", "127.0.0.1:5000/web:v1");
+    requested_with(
+        bus,
+        rid,
+        sample_spec("staging", "web", "127.0.0.1:5000/web:v1"),
+    )
+}
+
+/// A request an agent acts on: its spec backed by a stored configuration revision.
+async fn configured_request(
+    env: &BusEnv,
+    bus: &baton_core::bus::Bus,
+    rid: ReleaseId,
+) -> Result<Event> {
+    let spec = env
+        .configured(sample_spec("staging", "web", "127.0.0.1:5000/web:v1"))
+        .await?;
+    Ok(requested_with(bus, rid, spec))
+}
+
+fn requested_with(
+    bus: &baton_core::bus::Bus,
+    rid: ReleaseId,
+    spec: baton_proto::v1::ReleaseSpec,
+) -> Event {
     Event::new(
         rid,
         EventKey::Once,
@@ -282,7 +305,7 @@ async fn stream_events_and_consumers_survive_kill_9_of_nats_and_a_connected_agen
     let (seq_before, _) = cli
         .publish(
             &subject(before, EventType::ReleaseRequested),
-            &requested(&cli, before),
+            &configured_request(&env, &cli, before).await?,
         )
         .await?;
     builder
@@ -327,7 +350,7 @@ async fn stream_events_and_consumers_survive_kill_9_of_nats_and_a_connected_agen
     let (seq_after, _) = cli
         .publish(
             &subject(after, EventType::ReleaseRequested),
-            &requested(&cli, after),
+            &configured_request(&env, &cli, after).await?,
         )
         .await?;
     baton_tests::eventually(

@@ -17,9 +17,11 @@ mod garbage;
 mod health;
 mod metrics;
 mod release;
+mod replicated;
 mod runtime;
 mod sandbox;
 mod scale;
+mod security;
 
 use baton_tests::harness::run;
 
@@ -42,6 +44,8 @@ fn main() -> std::process::ExitCode {
     trials.extend(control::trials());
     trials.extend(bluegreen::trials());
     trials.extend(scale::trials());
+    trials.extend(security::trials());
+    trials.extend(replicated::trials());
     run(trials)
 }
 
