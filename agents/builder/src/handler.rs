@@ -52,6 +52,9 @@ impl Builder {
                 "release.requested has no spec",
             ));
         };
+        // The build command comes from the configuration the request names, never from the
+        // request alone: a spec that differs from it is dead-lettered, and nothing runs.
+        ctx.check_spec(&trigger).await?;
         let (_, state) = ctx.release_state(delivery.event.release_id).await?;
         match decide::next(&state, &trigger) {
             Next::Nothing(why) => {
@@ -106,8 +109,10 @@ impl Builder {
                 ("BATON_ENV", vars.env),
                 ("BATON_IMAGE", vars.image),
             ];
+            // The program alone: an argument may carry something not meant for logs.
             tracing::info!(
-                ?argv,
+                program = argv.first().map(String::as_str).unwrap_or(""),
+                args = argv.len().saturating_sub(1),
                 timeout_s = timeout.as_secs(),
                 "running the build command"
             );

@@ -40,6 +40,9 @@ pub enum Error {
     /// The fence closed before a write: the release no longer owns the workload.
     #[error("not {what}: {reason}")]
     Fenced { what: String, reason: String },
+    /// The release's spec is not its configuration's (or that can't be read now).
+    #[error(transparent)]
+    Spec(baton_core::runtime::HandlerError),
 }
 
 impl Error {
@@ -54,6 +57,7 @@ impl Error {
             Error::Rollout(_) => "rollout",
             Error::NoSpec { .. } => "no_spec",
             Error::Fenced { .. } => "fenced",
+            Error::Spec(e) => e.category(),
         }
     }
 
@@ -85,6 +89,7 @@ impl From<Error> for HandlerError {
             // Without a spec there is nothing to act on: the history is broken.
             Error::NoSpec { .. } => HandlerError::permanent(category, e.to_string()),
             Error::Bus(b) => HandlerError::from(b),
+            Error::Spec(e) => e,
             // A refusal that reached the runtime could not be told as a verdict: never retried.
             other if other.refusal().is_some() => {
                 HandlerError::permanent(category, other.to_string())

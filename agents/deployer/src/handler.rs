@@ -251,6 +251,9 @@ impl Deployer {
         let Some(spec) = &state.spec else {
             return Ok(Handled::Done);
         };
+        // The namespace and everything else it would touch come from the configuration the
+        // request names: a spec that differs is dead-lettered before it takes a lock.
+        ctx.check_spec(spec).await.map_err(Error::Spec)?;
         // In the workload's queue of open releases first, so that whoever ends the release
         // holding the lock finds this one.
         let workload = Workload::of_spec(spec, &ctx.cluster);

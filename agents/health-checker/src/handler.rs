@@ -125,6 +125,8 @@ impl HealthChecker {
         let Some(spec) = state.spec.as_ref() else {
             return Ok(());
         };
+        // The checks' URLs and smoke commands come from the configuration the release names.
+        ctx.check_spec(spec).await?;
         let plan = analysis::plan(&analysis::for_step(spec, step))
             .map_err(|e| HandlerError::permanent("invalid", e))?;
         for check in &plan.checks {

@@ -24,7 +24,7 @@ use baton_proto::v1::{
     check, AnalysisParams, BlueGreenParams, BuildParams, CanaryParams, CanaryStep, Check,
     HttpCheck, LatencyCheck, ReleaseSpec, RollingParams, SmokeCheck, Strategy,
 };
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::limits::{
     MAX_ANALYSIS_SECONDS, MAX_ARGV, MAX_CHECKS, MAX_FAILURE_LIMIT, MAX_HTTP_RETRIES,
@@ -398,6 +398,92 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Checks that `spec` is exactly what this configuration resolves for the spec's app and
+    /// environment, given only what a request may choose itself (the image, the strategy, the
+    /// commit and its time): what an agent may run (build and smoke commands), contact (check
+    /// URLs) and touch (cluster, namespace) comes from the configuration, never from a request.
+    /// The error names every field that differs.
+    pub fn verify(&self, spec: &ReleaseSpec) -> Result<(), SpecMismatch> {
+        if spec.config_revision != self.revision {
+            return Err(SpecMismatch::Revision {
+                spec: spec.config_revision,
+                config: self.revision,
+            });
+        }
+        let overrides = Overrides {
+            image: spec.image.clone(),
+            strategy: Strategy::try_from(spec.strategy).ok(),
+            commit: (!spec.commit.is_empty()).then(|| spec.commit.clone()),
+            commit_time: spec.commit_time.and_then(|t| SystemTime::try_from(t).ok()),
+        };
+        let resolved = self
+            .resolve(&spec.app, &spec.env, &overrides)
+            .map_err(|e| SpecMismatch::Unresolvable(e.to_string()))?;
+        let mut fields = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),* $(,)?) => {
+                $(if resolved.$field != spec.$field {
+                    fields.push(stringify!($field));
+                })*
+            };
+        }
+        compare!(
+            cluster,
+            namespace,
+            container,
+            strategy,
+            rolling,
+            canary,
+            blue_green,
+            checks,
+            analysis,
+            rollback_on_failure,
+            step_timeout_seconds,
+            port,
+            commit_time,
+            build,
+            ingress,
+            deadline_margin_seconds,
+        );
+        if fields.is_empty() && resolved != *spec {
+            fields.push("other fields");
+        }
+        match fields.is_empty() {
+            true => Ok(()),
+            false => Err(SpecMismatch::Fields(fields)),
+        }
+    }
+}
+
+/// Why a release spec is not the configuration's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecMismatch {
+    /// The spec names a revision that is not this one.
+    Revision { spec: u64, config: u64 },
+    /// The configuration has no such app or environment, or can't resolve it.
+    Unresolvable(String),
+    /// These fields of the spec are not what the configuration says.
+    Fields(Vec<&'static str>),
+}
+
+impl fmt::Display for SpecMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpecMismatch::Revision { spec, config } => write!(
+                f,
+                "the spec names configuration revision {spec}, checked against revision {config}"
+            ),
+            SpecMismatch::Unresolvable(why) => {
+                write!(f, "the configuration does not resolve it: {why}")
+            }
+            SpecMismatch::Fields(fields) => {
+                write!(f, "its {} differ from the configuration", fields.join(", "))
+            }
+        }
+    }
+}
+
 /// What only the combination of layers can get wrong.
 fn resolved_problems(spec: &ReleaseSpec) -> Vec<Problem> {
     let mut problems = Vec::new();
@@ -498,7 +584,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
             ),
         ));
     }
-    let mut value: Value = serde_yaml::from_str(text)
+    let mut value: Value = serde_yaml_ng::from_str(text)
         .map_err(|e| ConfigErrors::one("", format!("not valid YAML: {e}")))?;
     // `<<: *defaults` merge keys, as people write them to share settings between apps.
     value

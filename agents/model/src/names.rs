@@ -190,3 +190,43 @@ mod tests {
         assert!(ReleaseId::parse(&id.uuid().simple().to_string()).is_err());
     }
 }
+
+/// A URL (or a comma-separated list of them) fit for logs and errors: any `user:password@`
+/// part is replaced by `***@`.
+pub fn redact_url(text: &str) -> String {
+    text.split(',')
+        .map(|url| match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority_end = rest.find('/').unwrap_or(rest.len());
+                match rest[..authority_end].rfind('@') {
+                    Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                    None => url.to_string(),
+                }
+            }
+            None => url.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn credentials_in_urls_are_hidden() {
+        assert_eq!(
+            redact_url("nats://baton:s3cret@nats-0:4222,nats://nats-1:4222"),
+            "nats://***@nats-0:4222,nats://nats-1:4222"
+        );
+        assert_eq!(
+            redact_url("https://u:p@host/path@x?q=1"),
+            "https://***@host/path@x?q=1"
+        );
+        assert_eq!(
+            redact_url("http://10.0.0.1:8080/health"),
+            "http://10.0.0.1:8080/health"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+}

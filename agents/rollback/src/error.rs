@@ -37,6 +37,9 @@ pub enum Error {
     Wait(baton_core::rollout::WaitError),
     #[error("{0}")]
     Invalid(String),
+    /// The release's spec is not its configuration's (or that can't be read now).
+    #[error(transparent)]
+    Spec(baton_core::runtime::HandlerError),
 }
 
 impl Error {
@@ -51,6 +54,7 @@ impl Error {
             Error::Busy { .. } => "busy",
             Error::Wait(_) => "rollout",
             Error::Invalid(_) => "invalid",
+            Error::Spec(e) => e.category(),
         }
     }
 }
@@ -61,6 +65,7 @@ impl From<Error> for HandlerError {
         match e {
             Error::Invalid(_) => HandlerError::permanent(category, e.to_string()),
             Error::Bus(b) => HandlerError::from(b),
+            Error::Spec(e) => e,
             Error::Restore { ref source, .. } | Error::Cluster { ref source, .. }
                 if baton_core::cluster::refusal(source).is_some() =>
             {

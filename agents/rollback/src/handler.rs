@@ -166,6 +166,11 @@ impl RollbackAgent {
         {
             return Ok(Handled::Done);
         }
+        // A request whose spec is not its configuration's is refused here too: the dead letter
+        // ends it with `release.failed` saying why, and nothing in the cluster is touched.
+        if let (Some(spec), None) = (&state.spec, &state.terminal) {
+            ctx.check_spec(spec).await.map_err(Error::Spec)?;
+        }
         let now = now_ms();
         let waiting_for = match deadline::deadline(&state) {
             Deadline::Ended => return Ok(Handled::Done),
@@ -235,6 +240,11 @@ impl RollbackAgent {
             .unwrap_or_default();
         if !cluster.is_empty() && cluster != ctx.cluster {
             return Ok(());
+        }
+        // What a rollback touches comes from the configuration the release names: a release
+        // whose spec is not its configuration's is ended (by the dead letter) with nothing done.
+        if let Some(spec) = &state.spec {
+            ctx.check_spec(spec).await.map_err(Error::Spec)?;
         }
         match decide(d.event.event_type, &state) {
             Action::Nothing(why) => {

@@ -71,6 +71,8 @@ impl Fixture {
 
     /// Publishes `release.requested` for `rid` as the CLI does.
     async fn request(&self, rid: ReleaseId, spec: ReleaseSpec, key: EventKey<'_>) -> Result<()> {
+        // Backed by a stored configuration revision, as the CLI's requests are.
+        let spec = self._env.configured(spec).await?;
         let subject = EventSubject::new(
             EnvName::new(spec.env.clone())?,
             AppName::new(spec.app.clone())?,
@@ -453,7 +455,9 @@ async fn a_build_cut_short_by_a_crash_runs_again_under_the_same_announcement() -
         rid,
         EventType::ReleaseRequested,
     );
-    let spec = command_spec(&image, &["/bin/sleep", "3"], 0);
+    let spec = env
+        .configured(command_spec(&image, &["/bin/sleep", "3"], 0))
+        .await?;
     let request = Event::new(
         rid,
         EventKey::Once,

@@ -137,6 +137,7 @@ impl Fixture {
             cluster: CLUSTER.into(),
             ..sample_spec(ENV, app, image)
         };
+        let spec = self.env.configured(spec).await?;
         let payload = Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) });
         self.publish("cli", app, rid, EventKey::Once, payload)
             .await?;

@@ -89,6 +89,7 @@ async fn setup(ack_wait: Duration, max_deliver: i64) -> Result<Setup> {
         metrics: Metrics::new(),
         shutdown: CancellationToken::new(),
         limits: Limits::default(),
+        specs: Default::default(),
     };
     Ok(Setup { env, def, ctx })
 }
