@@ -357,6 +357,12 @@ pub fn in_order(types: &[EventType], wanted: &[EventType]) -> bool {
 impl Baton {
     /// Kills an agent with SIGKILL and starts a new one in its place (same flags, same env).
     pub async fn restart_agent(&mut self, name: &str) -> Result<()> {
+        self.restart_agent_with(name, &[]).await
+    }
+
+    /// Like [`restart_agent`](Self::restart_agent), with `more` added to (or replacing part
+    /// of) its environment, e.g. a `KUBECONFIG` of its own.
+    pub async fn restart_agent_with(&mut self, name: &str, more: &[(&str, &str)]) -> Result<()> {
         let kubeconfig = self.cluster.kubeconfig.display().to_string();
         let registry = self.cluster.registry.clone();
         let agent = self.agent(name)?;
@@ -367,6 +373,7 @@ impl Baton {
         ];
         let extra = self.agent_env.clone();
         env.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        env.extend_from_slice(more);
         let fresh = AgentProcess::start(&self.bus, name, &env, self.bus.sandbox.dir()).await?;
         if let Some(slot) = self.agents.iter_mut().find(|a| a.name == name) {
             *slot = fresh;

@@ -15,6 +15,7 @@ mod control;
 mod crash;
 mod garbage;
 mod health;
+mod install;
 mod metrics;
 mod release;
 mod replicated;
@@ -46,6 +47,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(scale::trials());
     trials.extend(security::trials());
     trials.extend(replicated::trials());
+    trials.extend(install::trials());
     run(trials)
 }
 
