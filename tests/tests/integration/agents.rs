@@ -136,7 +136,10 @@ async fn bad_messages_land_in_the_dead_letter_subject_with_a_reason_while_the_ag
         rid,
         EventKey::Once,
         Payload::ReleaseRequested(ReleaseRequested {
-            spec: Some(sample_spec("staging", "web", "web:v1")),
+            spec: Some(
+                env.configured(sample_spec("staging", "web", "web:v1"))
+                    .await?,
+            ),
         }),
         source(),
         "t",
@@ -262,6 +265,15 @@ async fn every_agent_consumes_its_events_and_stops_cleanly_on_sigterm() -> Resul
     for agent in &agents {
         let rid = ReleaseId::generate();
         let (t, payload) = trigger(&agent.name, rid);
+        // A request the builder acts on names a stored configuration revision.
+        let payload = match payload {
+            Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) }) => {
+                Payload::ReleaseRequested(ReleaseRequested {
+                    spec: Some(env.configured(spec).await?),
+                })
+            }
+            other => other,
+        };
         let owner = env.bus(t.owner().as_str()).await?;
         let event = Event::new(rid, EventKey::Once, payload, owner.source(), "t", "");
         let subject =

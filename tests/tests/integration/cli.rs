@@ -72,6 +72,27 @@ async fn usage_input_and_connection_errors_exit_1_with_a_clear_message() -> Resu
         (vec!["metrics", "--window", "fortnight"], "--window"),
         (vec!["history", "--limit", "0"], "--limit"),
     ];
+    // Malformed commit times, some cutting a character in two: an error, never a panic.
+    let release = [
+        "release",
+        "web",
+        "--env",
+        "staging",
+        "--image",
+        "web:v1",
+        "--commit-time",
+    ];
+    let bad_times = [
+        "2026-11-26T09:30:00+0é:0",
+        "2026-11-26T09:30:0é",
+        "2026-02-30T00:00:00Z",
+        "2026-11-26T09:30:00",
+    ];
+    let cases = cases.into_iter().chain(bad_times.iter().map(|t| {
+        let mut args = release.to_vec();
+        args.push(t);
+        (args, "is not an RFC 3339 time")
+    }));
     for (args, says) in cases {
         let (code, text) = run(&env, &args).await?;
         ensure!(
@@ -82,6 +103,11 @@ async fn usage_input_and_connection_errors_exit_1_with_a_clear_message() -> Resu
         ensure!(
             text.contains(says),
             "baton {} does not say {says:?}:\n{text}",
+            args.join(" ")
+        );
+        ensure!(
+            !text.contains("panicked"),
+            "baton {} panicked:\n{text}",
             args.join(" ")
         );
     }

@@ -94,6 +94,24 @@ async fn end_through_an_election(baton: &Baton, rid: ReleaseId) -> Result<Vec<Ev
     .await
 }
 
+/// `f`'s value once it succeeds, trying again while it fails (for up to [`END`]).
+async fn retrying<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + END;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(e.context(format!("{what}: still failing after {END:?}")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// Each event of the release is in the stream once.
 fn once_each(events: &[Event]) -> Result<()> {
     let mut ids = HashSet::new();
@@ -259,21 +277,29 @@ async fn every_history_and_consumer_is_there_after_all_three_servers_are_killed(
         ids(&after) == ids(&before),
         "the history changed: {before:?} → {after:?}"
     );
-    // Every durable consumer, and the configuration.
+    // Every durable consumer, and the configuration (each stream and consumer elects its
+    // leader again first: until then a read times out and is tried again).
     let js = admin(&baton.bus).await?;
-    let stream = js.get_stream(EVENTS_STREAM).await?;
     let defs = baton_core::busconfig::Definitions::embedded()?;
     for c in defs.concrete_consumers(&[CLUSTER.to_owned()]) {
-        stream
-            .consumer_info(&c.durable)
-            .await
-            .with_context(|| format!("consumer {} after the restart", c.durable))?;
+        retrying(
+            &format!("consumer {} after the restart", c.durable),
+            || async {
+                js.get_stream(EVENTS_STREAM)
+                    .await?
+                    .consumer_info(&c.durable)
+                    .await?;
+                Ok(())
+            },
+        )
+        .await?;
     }
-    let config = js.get_key_value(CONFIG_BUCKET).await?;
-    ensure!(
-        config.entry("config").await?.is_some(),
-        "the configuration is gone"
-    );
+    let present = retrying("the configuration after the restart", || async {
+        let config = js.get_key_value(CONFIG_BUCKET).await?;
+        Ok(config.entry("config").await?.is_some())
+    })
+    .await?;
+    ensure!(present, "the configuration is gone");
     // The agents, never restarted, carry on with the next release.
     let (v3, _) = baton.push("v3", &[("BATON_SIM_HEALTH", "ok")]).await?;
     let second = baton.release_of("web", &v3, &[]).await?;
