@@ -119,7 +119,17 @@ install_compose_validator() {
   "$COMPOSE_VENV/bin/pip" install -q 'docker-compose==1.29.2'
 }
 
+# kubectl renders deploy/ (kustomize) and asks for ServiceAccount tokens in the install test;
+# Debian's kubernetes-client when there is none.
+install_kubectl() {
+  command -v kubectl >/dev/null 2>&1 && return
+  apt_update_once
+  log "installing kubectl (Debian's kubernetes-client)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+}
+
 install_packages
+install_kubectl
 install_compose_validator
 if [ -z "${BATON_KUBE_BIN_DIR:-}" ] || ! kube_bins_present; then
   build_kube
