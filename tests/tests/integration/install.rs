@@ -12,7 +12,8 @@ use baton_core::event::EventType;
 use baton_tests::harness::trial;
 use baton_tests::release::{app_config, config_yaml, Baton, AGENTS, PORT};
 use baton_tests::{repo_root, target_bin};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::PostParams;
 use kube::Api;
@@ -221,19 +222,28 @@ async fn every_strategy_runs_with_each_agent_on_its_own_service_account() -> Res
 }
 
 async fn with_installed(baton: &mut Baton, admin: &Path, ns: &str, work: &Path) -> Result<()> {
-    // Each agent on its own ServiceAccount's token (a TokenRequest, as `kubectl create token`).
+    // Each agent on its own ServiceAccount's token (a TokenRequest, as `kubectl create token`
+    // makes one).
+    let accounts: Api<ServiceAccount> = Api::namespaced(baton.cluster.client().await?, "baton");
     let mut kubeconfigs = Vec::new();
     for agent in AGENTS {
         let sa = format!("baton-{agent}");
-        let (ok, token, err) = run(
-            &kubectl(),
-            &["create", "token", &sa, "-n", "baton", "--duration", "2h"],
-            Some(admin),
-        )
-        .await?;
-        ensure!(ok, "a token for {sa}: {err}");
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(7200),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let token = accounts
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("a token for {sa}"))?
+            .status
+            .and_then(|s| s.token)
+            .with_context(|| format!("no token for {sa}"))?;
         let path = work.join(format!("{agent}.kubeconfig"));
-        kubeconfig_with_token(admin, token.trim(), &path)?;
+        kubeconfig_with_token(admin, &token, &path)?;
         kubeconfigs.push((agent, path));
     }
     for (agent, path) in &kubeconfigs {
