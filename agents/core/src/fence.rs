@@ -53,3 +53,50 @@ pub async fn confirm(
         )),
     })
 }
+
+/// Why a fenced write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// The release no longer owns the workload: nothing was written.
+    #[error("not {what}: {reason}")]
+    Closed { what: String, reason: String },
+    /// The history or the lock could not be read: nothing was written.
+    #[error(transparent)]
+    Bus(#[from] crate::error::Error),
+}
+
+/// The fence of one writer (the deployer or the rollback agent) at one workload for one
+/// release: [`check`](Fencer::check) before every cluster write.
+pub struct Fencer<'a> {
+    pub agent: &'a AgentContext,
+    pub release_id: ReleaseId,
+    pub workload: Workload,
+    pub writer: Writer,
+    /// Fault injection (`BATON_FAULT_WRITE_DELAY`): a pause before each check, as a slow or
+    /// stalled process would take, for tests of the fence.
+    pub delay: Option<std::time::Duration>,
+}
+
+impl Fencer<'_> {
+    /// Ok when `what` may be written now; [`FenceError::Closed`] (logged) when not.
+    pub async fn check(&self, what: &str) -> Result<(), FenceError> {
+        if let Some(delay) = self.delay {
+            tracing::warn!(
+                what,
+                delay_ms = delay.as_millis() as u64,
+                "fault injection: waiting before the write"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        match confirm(self.agent, self.release_id, &self.workload, self.writer).await? {
+            Fence::Clear => Ok(()),
+            Fence::Closed(reason) => {
+                tracing::warn!(what, %reason, "fenced: writing nothing");
+                Err(FenceError::Closed {
+                    what: what.to_owned(),
+                    reason,
+                })
+            }
+        }
+    }
+}

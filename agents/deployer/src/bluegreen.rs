@@ -306,7 +306,10 @@ pub async fn step(ctx: &StepCtx<'_>, step: u32, _last: bool) -> Result<StepOutco
 
 /// The fence before a write of a step.
 async fn fence(ctx: &StepCtx<'_>, what: &str) -> std::result::Result<(), Stop> {
-    ctx.fence.check(what).await.map_err(Stop::Error)
+    ctx.fence
+        .check(what)
+        .await
+        .map_err(|e| Stop::Error(e.into()))
 }
 
 /// The ready pods of a followed colour; a colour without any (scaled to 0) cannot take traffic.

@@ -37,9 +37,10 @@ pub enum Error {
     Rollout(#[from] baton_core::rollout::WaitError),
     #[error("release {release_id} has no spec (no release.requested in its history)")]
     NoSpec { release_id: String },
-    /// The fence closed before a write: the release no longer owns the workload.
-    #[error("not {what}: {reason}")]
-    Fenced { what: String, reason: String },
+    /// The fence closed before a write (the release no longer owns the workload), or could
+    /// not be checked: nothing was written.
+    #[error(transparent)]
+    Fence(#[from] baton_core::fence::FenceError),
     /// The release's spec is not its configuration's (or that can't be read now).
     #[error(transparent)]
     Spec(baton_core::runtime::HandlerError),
@@ -56,7 +57,8 @@ impl Error {
             Error::Encode { .. } => "encode",
             Error::Rollout(_) => "rollout",
             Error::NoSpec { .. } => "no_spec",
-            Error::Fenced { .. } => "fenced",
+            Error::Fence(baton_core::fence::FenceError::Closed { .. }) => "fenced",
+            Error::Fence(baton_core::fence::FenceError::Bus(e)) => e.category(),
             Error::Spec(e) => e.category(),
         }
     }
@@ -88,7 +90,9 @@ impl From<Error> for HandlerError {
         match e {
             // Without a spec there is nothing to act on: the history is broken.
             Error::NoSpec { .. } => HandlerError::permanent(category, e.to_string()),
-            Error::Bus(b) => HandlerError::from(b),
+            Error::Bus(b) | Error::Fence(baton_core::fence::FenceError::Bus(b)) => {
+                HandlerError::from(b)
+            }
             Error::Spec(e) => e,
             // A refusal that reached the runtime could not be told as a verdict: never retried.
             other if other.refusal().is_some() => {

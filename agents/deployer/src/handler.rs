@@ -337,7 +337,7 @@ impl Deployer {
         match self.drive_steps(ctx, subject, cause, events, state).await {
             // The release was taken from this deployer (aborted, failed, ended, lost its lock)
             // while it worked: nothing more to do, and nothing was written.
-            Err(Error::Fenced { what, reason }) => {
+            Err(Error::Fence(baton_core::fence::FenceError::Closed { what, reason })) => {
                 tracing::info!(%what, %reason, "the release is no longer this deployer's to drive");
                 Ok(Handled::Done)
             }
@@ -415,6 +415,7 @@ impl Deployer {
                         agent: ctx,
                         release_id: rid,
                         workload: workload.clone(),
+                        writer: baton_core::fence::Writer::Deployer,
                         delay: self.write_delay,
                     };
                     if !self

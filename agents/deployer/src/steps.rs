@@ -7,14 +7,10 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use baton_core::fence::{self, Fence, Writer};
-use baton_core::lock::Workload;
-use baton_core::names::ReleaseId;
 use baton_core::rollout::{self, Problem, Rollout};
-use baton_core::runtime::AgentContext;
 use baton_proto::v1::{PodRef, ReleaseSpec, Strategy};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::{bluegreen, canary, cluster};
 
 /// What a step needs to know.
@@ -36,47 +32,7 @@ pub struct StepCtx<'a> {
     pub fence: &'a Fencer<'a>,
 }
 
-/// The deployer's fence: before a write, the release must still own the workload and be neither
-/// aborted, failed nor ended.
-pub struct Fencer<'a> {
-    pub agent: &'a AgentContext,
-    pub release_id: ReleaseId,
-    pub workload: Workload,
-    /// Fault injection (`BATON_FAULT_WRITE_DELAY`): a pause before each check, as a slow or
-    /// stalled process would take, for tests of the fence.
-    pub delay: Option<Duration>,
-}
-
-impl Fencer<'_> {
-    /// `Err(Error::Fenced)` when `what` must not be written.
-    pub async fn check(&self, what: &str) -> Result<()> {
-        if let Some(delay) = self.delay {
-            tracing::warn!(
-                what,
-                delay_ms = delay.as_millis() as u64,
-                "fault injection: waiting before the write"
-            );
-            tokio::time::sleep(delay).await;
-        }
-        match fence::confirm(
-            self.agent,
-            self.release_id,
-            &self.workload,
-            Writer::Deployer,
-        )
-        .await?
-        {
-            Fence::Clear => Ok(()),
-            Fence::Closed(reason) => {
-                tracing::warn!(what, %reason, "fenced: writing nothing");
-                Err(Error::Fenced {
-                    what: what.to_owned(),
-                    reason,
-                })
-            }
-        }
-    }
-}
+pub use baton_core::fence::Fencer;
 
 /// How a step ended.
 #[derive(Debug)]

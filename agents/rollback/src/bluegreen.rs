@@ -89,7 +89,10 @@ pub struct Scope<'a> {
 impl Scope<'_> {
     /// The fence before a write.
     async fn fence(&self, what: &str) -> std::result::Result<(), Stop> {
-        self.fence.check(what).await.map_err(Stop::Error)
+        self.fence
+            .check(what)
+            .await
+            .map_err(|e| Stop::Error(e.into()))
     }
 
     fn read(&self, what: &str) -> impl FnOnce(kube::Error) -> Error {

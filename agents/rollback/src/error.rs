@@ -28,9 +28,10 @@ pub enum Error {
     },
     #[error(transparent)]
     Lock(#[from] baton_core::lock::LockError),
-    /// The fence closed before a write: the release no longer owns the workload.
-    #[error("not {what}: {reason}")]
-    Fenced { what: String, reason: String },
+    /// The fence closed before a write (the release no longer owns the workload), or could
+    /// not be checked: nothing was written.
+    #[error(transparent)]
+    Fence(#[from] baton_core::fence::FenceError),
     #[error("the app's lock is held by release {holder}, still in flight; trying again later")]
     Busy { holder: String },
     #[error("following the rollback: {0}")]
@@ -50,7 +51,8 @@ impl Error {
             Error::Read { .. } => "kube_read",
             Error::Restore { .. } | Error::Cluster { .. } => "kube_write",
             Error::Lock(_) => "lock",
-            Error::Fenced { .. } => "fenced",
+            Error::Fence(baton_core::fence::FenceError::Closed { .. }) => "fenced",
+            Error::Fence(baton_core::fence::FenceError::Bus(e)) => e.category(),
             Error::Busy { .. } => "busy",
             Error::Wait(_) => "rollout",
             Error::Invalid(_) => "invalid",
@@ -64,7 +66,9 @@ impl From<Error> for HandlerError {
         let category = e.category();
         match e {
             Error::Invalid(_) => HandlerError::permanent(category, e.to_string()),
-            Error::Bus(b) => HandlerError::from(b),
+            Error::Bus(b) | Error::Fence(baton_core::fence::FenceError::Bus(b)) => {
+                HandlerError::from(b)
+            }
             Error::Spec(e) => e,
             Error::Restore { ref source, .. } | Error::Cluster { ref source, .. }
                 if baton_core::cluster::refusal(source).is_some() =>

@@ -13,7 +13,7 @@ use serde_json::json;
 use baton_core::bus::LOCKS_BUCKET;
 use baton_core::deadline::{self, Deadline};
 use baton_core::event::{timestamp_ms, Event, EventType};
-use baton_core::fence::{self, Fence, Writer};
+use baton_core::fence::Writer;
 use baton_core::fold::ReleaseState;
 use baton_core::ids::EventKey;
 use baton_core::lock::{self, Workload};
@@ -46,7 +46,7 @@ impl Handler for RollbackAgent {
             match self.on_event(ctx, d).await {
                 // The release was taken from this writer while it worked (it ended, or lost the
                 // workload's lock): nothing was written, nothing more to do.
-                Err(Error::Fenced { what, reason }) => {
+                Err(Error::Fence(baton_core::fence::FenceError::Closed { what, reason })) => {
                     tracing::info!(%what, %reason, "fenced: the rollback writes nothing more");
                     Ok(Handled::Done)
                 }
@@ -92,32 +92,7 @@ impl Handler for RollbackAgent {
     }
 }
 
-/// The rollback agent's fence: before a write, the release must not have ended and must hold
-/// the workload's lock.
-pub struct Fencer<'a> {
-    pub agent: &'a AgentContext,
-    pub release_id: ReleaseId,
-    pub workload: Workload,
-}
-
-impl Fencer<'_> {
-    pub async fn check(&self, what: &str) -> Result<()> {
-        match fence::confirm(
-            self.agent,
-            self.release_id,
-            &self.workload,
-            Writer::Rollback,
-        )
-        .await?
-        {
-            Fence::Clear => Ok(()),
-            Fence::Closed(reason) => Err(Error::Fenced {
-                what: what.to_owned(),
-                reason,
-            }),
-        }
-    }
-}
+pub use baton_core::fence::Fencer;
 
 /// Ends a release whose workload was restored: `release.rolled_back`, or — when the rollback
 /// was the agents' own, because the release passed its deadline — `release.failed` saying so.
@@ -305,6 +280,8 @@ impl RollbackAgent {
             agent: ctx,
             release_id: d.subject.release_id,
             workload: Workload::new(&cluster, &target.namespace, &target.app),
+            writer: Writer::Rollback,
+            delay: None,
         };
         if target.manual {
             self.lock(ctx, d, &fencer.workload).await?;
