@@ -206,7 +206,16 @@ impl Request {
             return Ok(ExitCode::SUCCESS);
         }
         match self.command {
-            Command::Abort => release::follow(&bus, rid, self.output, timeout, seq).await,
+            Command::Abort => {
+                release::follow(
+                    &bus,
+                    rid,
+                    self.output,
+                    timeout,
+                    release::FollowFrom::Sequence(seq),
+                )
+                .await
+            }
             command => answer(&bus, rid, seq, command, &progress, self.output, timeout).await,
         }
     }

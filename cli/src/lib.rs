@@ -12,6 +12,7 @@ mod config;
 mod control;
 mod credentials;
 mod history;
+mod list;
 mod progress;
 mod release;
 
@@ -29,9 +30,11 @@ pub struct Cli {
 pub enum Command {
     /// Request a release of APP in an environment; with --wait, follow it to its end
     Release(release::ReleaseArgs),
-    /// Where a release is: status, step, timings, failure
+    /// Where a release is: status, step, timings, failure (--watch: then follow it to its end)
     Status(release::StatusArgs),
-    /// Every event of a release with its details and timings
+    /// The releases in flight: where each is and what it waits for
+    List(list::ListArgs),
+    /// Every event of a release with its details and timings (--follow: until it ends)
     Logs(release::LogsArgs),
     /// Roll APP back to its previous revision in an environment
     Rollback(release::RollbackArgs),
@@ -116,8 +119,9 @@ impl Cli {
         let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
         match self.command {
             Command::Release(args) => release::release(&self.nats, args).await,
-            Command::Status(args) => done(release::status(&self.nats, args).await),
-            Command::Logs(args) => done(release::logs(&self.nats, args).await),
+            Command::Status(args) => release::status(&self.nats, args).await,
+            Command::List(args) => done(list::list(&self.nats, args).await),
+            Command::Logs(args) => release::logs(&self.nats, args).await,
             Command::Rollback(args) => release::rollback(&self.nats, args).await,
             Command::Pause(args) => control::pause(&self.nats, args).await,
             Command::Resume(args) => control::resume(&self.nats, args).await,

@@ -34,6 +34,11 @@ pub struct ReleaseArgs {
     /// The strategy, instead of the configured one: rolling, canary or blue-green
     #[arg(long)]
     pub strategy: Option<String>,
+    /// The canary's steps for this release, instead of the configured ones: weights in percent,
+    /// each optionally followed by `pause` (until a person promotes) or `pause:<duration>`,
+    /// e.g. `10,pause:5m,50,pause,100`
+    #[arg(long)]
+    pub steps: Option<String>,
     /// The source revision being released (for the history)
     #[arg(long)]
     pub commit: Option<String>,
@@ -54,6 +59,12 @@ pub struct ReleaseArgs {
 pub struct StatusArgs {
     /// The release id
     pub id: String,
+    /// Then follow the release live until it ends (exit 0 succeeded, 2 rolled back, 1 failed)
+    #[arg(long, short = 'w')]
+    pub watch: bool,
+    /// Give up watching after this long (e.g. 30m); the release itself goes on
+    #[arg(long, default_value = "60m")]
+    pub timeout: String,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -62,6 +73,12 @@ pub struct StatusArgs {
 pub struct LogsArgs {
     /// The release id
     pub id: String,
+    /// Keep printing its events as they come until the release ends (JSON: one event a line)
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Give up following after this long (e.g. 30m); the release itself goes on
+    #[arg(long, default_value = "60m")]
+    pub timeout: String,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -124,6 +141,60 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         .map_err(|e| anyhow!("{text:?}: {e}"))
 }
 
+/// `--steps`: weights in percent, each optionally followed by `pause` (until a person
+/// promotes) or `pause:<duration>` (a timed pause), e.g. `10,pause:5m,50,pause,100`. The
+/// weights must rise to 100 (the spec's validation says so otherwise).
+pub fn parse_steps(text: &str) -> anyhow::Result<Vec<CanaryStep>> {
+    let mut steps: Vec<CanaryStep> = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let pause = item.strip_prefix("pause");
+        match (pause, steps.last_mut()) {
+            (Some(_), None) => bail!("{text:?}: a pause follows a weight, e.g. 10,pause,100"),
+            (Some(rest), Some(last)) => {
+                if last.pause_until_promoted || last.pause_seconds > 0 {
+                    bail!("{text:?}: one pause per step");
+                }
+                match rest.strip_prefix(':') {
+                    None if rest.is_empty() => last.pause_until_promoted = true,
+                    Some(d) => {
+                        let ms =
+                            config::parse_duration_ms(d).map_err(|e| anyhow!("{item:?}: {e}"))?;
+                        last.pause_seconds = u32::try_from(ms.div_ceil(1000))
+                            .ok()
+                            .filter(|s| *s > 0)
+                            .ok_or_else(|| anyhow!("{item:?}: a pause is at least 1s"))?;
+                    }
+                    None => bail!("{item:?} is not a pause: use pause or pause:<duration>"),
+                }
+            }
+            (None, _) => {
+                let weight: u32 = item
+                    .parse()
+                    .ok()
+                    .filter(|w| (1..=100).contains(w))
+                    .ok_or_else(|| {
+                        anyhow!("{item:?} is not a weight from 1 to 100 (or a pause)")
+                    })?;
+                if steps.last().is_some_and(|s| s.weight >= weight) {
+                    bail!(
+                        "{text:?}: the weights must rise ({weight} after {})",
+                        steps.last().map_or(0, |s| s.weight)
+                    );
+                }
+                steps.push(CanaryStep {
+                    weight,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    match steps.last() {
+        None => bail!("no steps given"),
+        Some(last) if last.weight != 100 => bail!("{text:?}: the last step must be 100"),
+        Some(_) => Ok(steps),
+    }
+}
+
 /// Parses RFC 3339 (`2026-11-26T09:30:00Z`, `…+02:00`, fractions allowed).
 pub fn parse_rfc3339(text: &str) -> anyhow::Result<SystemTime> {
     baton_core::time::parse_rfc3339(text).map_err(|e| anyhow!(e))
@@ -145,6 +216,12 @@ pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitC
         .transpose()
         .context("--commit-time")?;
     let timeout = parse_duration(&args.timeout).context("--timeout")?;
+    let canary_steps = args
+        .steps
+        .as_deref()
+        .map(parse_steps)
+        .transpose()
+        .context("--steps")?;
     let bus = crate::connect(nats).await?;
     let (revision, cfg, _) = store::current(&bus).await?.ok_or_else(|| {
         anyhow!("no configuration has been applied yet: run `baton config apply FILE` first")
@@ -155,6 +232,7 @@ pub async fn release(nats: &NatsArgs, args: ReleaseArgs) -> anyhow::Result<ExitC
         strategy,
         commit: args.commit.clone(),
         commit_time,
+        canary_steps,
     };
     let spec = cfg
         .resolve(app.as_str(), env.as_str(), &overrides)
@@ -272,7 +350,7 @@ async fn request(
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
-    follow(bus, subject.release_id, output, timeout, 0).await
+    follow(bus, subject.release_id, output, timeout, FollowFrom::Start).await
 }
 
 /// The exit code of an ended release: 0 succeeded, 2 rolled back, 1 failed. A manual rollback
@@ -286,14 +364,25 @@ fn exit_code(state: &ReleaseState) -> ExitCode {
     }
 }
 
-/// Prints each event of the release as it happens (those from stream sequence `print_from` on),
-/// with a progress line during long waits, until the release ends.
+/// Which of a release's events [`follow`] prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FollowFrom {
+    /// Every one.
+    Start,
+    /// Those from this stream sequence on.
+    Sequence(u64),
+    /// All but the first this many (already shown).
+    After(usize),
+}
+
+/// Prints each event of the release as it happens (see [`FollowFrom`]), with a progress line
+/// during long waits, until the release ends.
 pub(crate) async fn follow(
     bus: &Bus,
     rid: ReleaseId,
     output: Output,
     timeout: Duration,
-    print_from: u64,
+    from: FollowFrom,
 ) -> anyhow::Result<ExitCode> {
     let stream = bus
         .jetstream()
@@ -324,8 +413,13 @@ pub(crate) async fn follow(
                 let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
                 last_printed = Instant::now();
                 let t0 = events.first().map(|e| e.time_ms()).unwrap_or(event.time_ms());
+                let shown = match from {
+                    FollowFrom::Start => true,
+                    FollowFrom::Sequence(first) => seq >= first,
+                    FollowFrom::After(n) => events.len() >= n,
+                };
                 match output {
-                    _ if seq < print_from => {}
+                    _ if !shown => {}
                     Output::Text => println!("{:>8}  {:<26} {}", offset(event.time_ms() - t0), event.event_type.as_str(), describe(&event)),
                     Output::Json => println!("{}", event_json(&event)),
                 }
@@ -587,9 +681,35 @@ async fn history_of(nats: &NatsArgs, id: &str) -> anyhow::Result<(ReleaseId, Vec
     Ok((rid, events))
 }
 
-pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
+pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let timeout = parse_duration(&args.timeout).context("--timeout")?;
     let (rid, events) = history_of(nats, &args.id).await?;
-    let progress = Progress::of(rid, &events);
+    print_status(rid, &events, args.output);
+    let state = fold(&events);
+    if !args.watch || state.status().is_terminal() {
+        return Ok(if args.watch {
+            exit_code(&state)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    // Re-attached: what happens from here on, as `baton release --wait` prints it.
+    if args.output == Output::Text {
+        println!("\nwatching release {rid} (Ctrl-C stops watching; the release goes on)");
+    }
+    let bus = crate::connect(nats).await?;
+    follow(
+        &bus,
+        rid,
+        args.output,
+        timeout,
+        FollowFrom::After(events.len()),
+    )
+    .await
+}
+
+fn print_status(rid: ReleaseId, events: &[Event], output: Output) {
+    let progress = Progress::of(rid, events);
     let state = &progress.state;
     let now = now_ms();
     let spec = state.spec.clone().unwrap_or_default();
@@ -603,7 +723,7 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
         .map(|e| e.event_type.as_str())
         .unwrap_or_default();
     let waiting = (!state.status().is_terminal()).then(|| progress.waiting_for(now));
-    match args.output {
+    match output {
         Output::Json => println!(
             "{}",
             serde_json::json!({
@@ -718,7 +838,6 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
 }
 
 fn hold_json(hold: &Hold, now_ms: i64) -> serde_json::Value {
@@ -753,7 +872,13 @@ fn measurement_json(m: &Measurement) -> serde_json::Value {
     })
 }
 
-pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<()> {
+pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let timeout = parse_duration(&args.timeout).context("--timeout")?;
+    if args.follow {
+        let (rid, _) = history_of(nats, &args.id).await?;
+        let bus = crate::connect(nats).await?;
+        return follow(&bus, rid, args.output, timeout, FollowFrom::Start).await;
+    }
     let (_, events) = history_of(nats, &args.id).await?;
     let t0 = events.first().map(|e| e.time_ms()).unwrap_or(0);
     match args.output {
@@ -775,7 +900,7 @@ pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

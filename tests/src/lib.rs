@@ -149,6 +149,8 @@ impl BusEnv {
             commit_time: spec
                 .commit_time
                 .and_then(|t| std::time::SystemTime::try_from(t).ok()),
+            // The steps are the configuration's (written above).
+            canary_steps: None,
         };
         let resolved = config::parse(&text)
             .map_err(|e| anyhow::anyhow!("{e}"))?

@@ -103,6 +103,8 @@ fn ephemeral_consumers(out: &mut Vec<String>, stream: &str) {
         format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
         format!("$JS.API.CONSUMER.INFO.{stream}.*"),
         format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
+        // The flow-control replies of ordered push consumers (KV watches and histories).
+        format!("$JS.FC.{stream}.>"),
     ]);
 }
 

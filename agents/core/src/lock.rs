@@ -215,6 +215,32 @@ async fn update_queue(
     ))
 }
 
+/// Every open release of every workload: those in a queue and those holding a lock (what
+/// `baton list` shows), each once, in no particular order.
+pub async fn open_releases(store: &kv::Store) -> Result<Vec<ReleaseId>> {
+    use futures::TryStreamExt;
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| LockError::new("*", e))?
+        .try_collect()
+        .await
+        .map_err(|e| LockError::new("*", e))?;
+    let mut open = std::collections::BTreeSet::new();
+    for key in keys {
+        if key.starts_with("queue.") {
+            open.extend(queue(store, &key).await?);
+        } else if key.starts_with("lock.") {
+            if let Some(id) = holder(store, &key).await? {
+                if let Ok(id) = ReleaseId::parse(&id) {
+                    open.insert(id);
+                }
+            }
+        }
+    }
+    Ok(open.into_iter().collect())
+}
+
 /// Adds `release` at the end of the workload's queue (once).
 pub async fn enqueue(store: &kv::Store, key: &str, release: ReleaseId) -> Result<Vec<ReleaseId>> {
     update_queue(store, key, |ids| {

@@ -210,6 +210,9 @@ pub struct Overrides {
     pub strategy: Option<Strategy>,
     pub commit: Option<String>,
     pub commit_time: Option<SystemTime>,
+    /// The canary's steps for this release (`baton release --steps`): weights and pauses; each
+    /// step's analysis is then the release's.
+    pub canary_steps: Option<Vec<CanaryStep>>,
 }
 
 /// A validated configuration.
@@ -275,6 +278,15 @@ impl Config {
         };
         let spec = self.build_spec(app, a, env, e, overrides);
         let mut problems = resolved_problems(&spec);
+        if overrides.canary_steps.is_some() && spec.canary.is_none() {
+            problems.push(Problem {
+                path: "steps".into(),
+                message: format!(
+                    "only a canary release has steps, and {app} releases to {env} by {} (ask for --strategy canary)",
+                    strategy_name(Strategy::try_from(spec.strategy).unwrap_or(Strategy::Rolling))
+                ),
+            });
+        }
         if problems.is_empty() {
             if let Err(message) = crate::validate::release_spec(&spec) {
                 problems.push(Problem {
@@ -327,15 +339,19 @@ impl Config {
             })
             .collect();
         let canary = (strategy == Strategy::Canary).then(|| CanaryParams {
-            steps: s.canary_steps.unwrap_or_else(|| {
-                DEFAULT_CANARY_WEIGHTS
-                    .iter()
-                    .map(|w| CanaryStep {
-                        weight: *w,
-                        ..Default::default()
-                    })
-                    .collect()
-            }),
+            steps: overrides
+                .canary_steps
+                .clone()
+                .or(s.canary_steps)
+                .unwrap_or_else(|| {
+                    DEFAULT_CANARY_WEIGHTS
+                        .iter()
+                        .map(|w| CanaryStep {
+                            weight: *w,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
         });
         let blue_green = (strategy == Strategy::BlueGreen).then(|| BlueGreenParams {
             scale_down_delay_seconds: s
@@ -416,6 +432,12 @@ impl Config {
             strategy: Strategy::try_from(spec.strategy).ok(),
             commit: (!spec.commit.is_empty()).then(|| spec.commit.clone()),
             commit_time: spec.commit_time.and_then(|t| SystemTime::try_from(t).ok()),
+            // A request may choose its canary's weights and pauses, never a step's analysis.
+            canary_steps: spec
+                .canary
+                .as_ref()
+                .map(|c| c.steps.clone())
+                .filter(|steps| steps.iter().all(|st| st.analysis.is_none())),
         };
         let resolved = self
             .resolve(&spec.app, &spec.env, &overrides)

@@ -23,6 +23,7 @@ mod runtime;
 mod sandbox;
 mod scale;
 mod security;
+mod watch;
 
 use baton_tests::harness::run;
 
@@ -48,6 +49,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(security::trials());
     trials.extend(replicated::trials());
     trials.extend(install::trials());
+    trials.extend(watch::trials());
     run(trials)
 }
 

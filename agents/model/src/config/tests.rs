@@ -488,6 +488,7 @@ fn request_overrides_set_the_image_commit_and_commit_time() {
                 strategy: None,
                 commit: Some("abc123".into()),
                 commit_time: Some(at),
+                canary_steps: None,
             },
         )
         .unwrap();
@@ -1284,4 +1285,79 @@ fn a_fragment_in_a_check_path_is_refused_as_the_health_checker_refuses_it() {
         "apps.web.checks[0].latency.path",
         "must not contain '#'",
     );
+}
+
+#[test]
+fn a_request_may_choose_its_canarys_steps_but_not_their_analysis() {
+    let cfg = parse(
+        "environments:\n  prod: {cluster: c1, namespace: shop}\napps:\n  web:\n    strategy: canary\n    canary:\n      steps: [{weight: 10, analysis: {duration: 5m}}, {weight: 100}]\n",
+    )
+    .unwrap()
+    .with_revision(7);
+    let own = |steps: Vec<(u32, u32)>| Overrides {
+        canary_steps: Some(
+            steps
+                .into_iter()
+                .map(|(weight, pause_seconds)| CanaryStep {
+                    weight,
+                    pause_seconds,
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ..image()
+    };
+    // The configured steps, and steps of the request's own, both verify.
+    let configured = cfg.resolve("web", "prod", &image()).unwrap();
+    assert_eq!(cfg.verify(&configured), Ok(()));
+    let chosen = cfg
+        .resolve("web", "prod", &own(vec![(30, 60), (100, 0)]))
+        .unwrap();
+    let weights: Vec<u32> = chosen
+        .canary
+        .as_ref()
+        .unwrap()
+        .steps
+        .iter()
+        .map(|s| s.weight)
+        .collect();
+    assert_eq!(weights, [30, 100]);
+    assert_eq!(cfg.verify(&chosen), Ok(()));
+    // A step's analysis is the configuration's alone.
+    let mut forged = chosen.clone();
+    forged.canary.as_mut().unwrap().steps[0].analysis = Some(AnalysisParams {
+        duration_seconds: 1,
+        ..Default::default()
+    });
+    assert_eq!(
+        cfg.verify(&forged),
+        Err(SpecMismatch::Fields(vec!["canary"]))
+    );
+    // As are the commands and the namespace.
+    let mut forged = configured.clone();
+    forged.namespace = "kube-system".into();
+    forged.build = Some(BuildParams {
+        argv: vec!["/bin/true".into()],
+        timeout_seconds: 60,
+    });
+    assert_eq!(
+        cfg.verify(&forged),
+        Err(SpecMismatch::Fields(vec!["namespace", "build"]))
+    );
+    // Another revision's spec is not this one's.
+    let other = cfg.clone().with_revision(8);
+    assert!(matches!(
+        other.verify(&configured),
+        Err(SpecMismatch::Revision { spec: 7, config: 8 })
+    ));
+    // Steps for a release that is not a canary are refused when resolving.
+    let rolling = Overrides {
+        strategy: Some(Strategy::Rolling),
+        ..own(vec![(50, 0), (100, 0)])
+    };
+    let err = cfg
+        .resolve("web", "prod", &rolling)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only a canary release has steps"), "{err}");
 }
