@@ -106,6 +106,7 @@ fn spec() -> ReleaseSpec {
         config_revision: 7,
         // Added later: the fixtures encode it unset.
         deadline_margin_seconds: 0,
+        http_route: String::new(),
     }
 }
 

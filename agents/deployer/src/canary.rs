@@ -1,8 +1,11 @@
 //! Canary: a `<app>-canary` Deployment beside the stable one, with the same selector labels plus
 //! a track label, so the app's Service sends it a share of the traffic by replica ratio; with an
 //! Ingress configured, a canary Ingress with ingress-nginx's canary annotations carries the exact
-//! weight. The last step (100%) promotes: the stable Deployment is rolled to the canary's digest
-//! with no pod unavailable, then the canary objects are removed.
+//! weight; with a Gateway API HTTPRoute configured, the route's backendRefs carry it (the stable
+//! and the canary Service, set by server-side apply of the route's rules alone). The last step
+//! (100%) promotes: the stable Deployment is rolled to the canary's digest with no pod
+//! unavailable, the route goes back to the stable Service alone, then the canary objects are
+//! removed.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -64,10 +67,12 @@ pub fn describe(spec: &ReleaseSpec, weight: u32, last: bool, stable: i32) -> Ste
         )
     } else {
         let c = replicas(stable, weight);
-        let route = if spec.ingress.is_empty() {
-            String::new()
-        } else {
+        let route = if !spec.ingress.is_empty() {
             format!(", Ingress weight {weight}%")
+        } else if !spec.http_route.is_empty() {
+            format!(", HTTPRoute {} weight {weight}%", spec.http_route)
+        } else {
+            String::new()
         };
         format!("canary at {weight}%: {c} canary pod(s) beside {stable} stable{route}")
     };
@@ -83,18 +88,10 @@ pub async fn step(ctx: &StepCtx<'_>, weight: u32, last: bool) -> Result<StepOutc
     }
     let ns = ctx.spec.namespace.as_str();
     let app = ctx.spec.app.as_str();
-    let read = |what: &str| {
-        let what = what.to_owned();
-        move |source| Error::Read {
-            what,
-            namespace: ns.to_owned(),
-            source,
-        }
-    };
     let stable = Api::<Deployment>::namespaced(ctx.client.clone(), ns)
         .get(app)
         .await
-        .map_err(read("the stable Deployment"))?;
+        .map_err(read_err(ns, "the stable Deployment"))?;
     let canary = canary_deployment(&stable, ctx, replicas(ctx.replicas, weight))?;
     let name = workload::canary_name(app);
     apply(
@@ -104,13 +101,18 @@ pub async fn step(ctx: &StepCtx<'_>, weight: u32, last: bool) -> Result<StepOutc
         &canary,
     )
     .await?;
-    if !ctx.spec.ingress.is_empty() {
-        if let Err(reason) = route(ctx, &stable, weight).await? {
-            return Ok(StepOutcome::Failed(Problem {
-                kind: FailureKind::Cluster,
-                reason,
-            }));
-        }
+    let routed = if !ctx.spec.ingress.is_empty() {
+        route(ctx, &stable, weight).await?
+    } else if !ctx.spec.http_route.is_empty() {
+        route_http(ctx, &stable, weight).await?
+    } else {
+        Ok(())
+    };
+    if let Err(reason) = routed {
+        return Ok(StepOutcome::Failed(Problem {
+            kind: FailureKind::Cluster,
+            reason,
+        }));
     }
     steps::follow(ctx, &name).await
 }
@@ -126,6 +128,7 @@ async fn promote(ctx: &StepCtx<'_>) -> Result<StepOutcome> {
             &ctx.spec.namespace,
             &ctx.spec.app,
             &ctx.spec.ingress,
+            &ctx.spec.http_route,
         )
         .await
         .map_err(|source| Error::Read {
@@ -204,41 +207,32 @@ fn canary_deployment(stable: &Deployment, ctx: &StepCtx<'_>, replicas: i32) -> R
     }))
 }
 
-/// A canary Service (the stable Service's ports, the canary's pods) and a canary Ingress (the
-/// main Ingress's rules pointed at it) with ingress-nginx's canary weight. `Ok(Err(reason))` when
-/// the configured objects are missing.
-async fn route(
+/// The error of a failed read of `what` in namespace `ns`.
+fn read_err(ns: &str, what: &str) -> impl FnOnce(kube::Error) -> Error {
+    let (what, namespace) = (what.to_owned(), ns.to_owned());
+    move |source| Error::Read {
+        what,
+        namespace,
+        source,
+    }
+}
+
+/// The canary Service: the stable Service's ports, the canary's pods. `Ok(Err(reason))` when
+/// the app has no Service to copy (`router` says what needed it).
+async fn canary_service(
     ctx: &StepCtx<'_>,
     stable: &Deployment,
-    weight: u32,
+    router: &str,
 ) -> Result<std::result::Result<(), String>> {
     let ns = ctx.spec.namespace.as_str();
     let app = ctx.spec.app.as_str();
-    let read = |what: &str| {
-        let what = what.to_owned();
-        move |source| Error::Read {
-            what,
-            namespace: ns.to_owned(),
-            source,
-        }
-    };
     let Some(service) = Api::<Service>::namespaced(ctx.client.clone(), ns)
         .get_opt(app)
         .await
-        .map_err(read("the Service"))?
+        .map_err(read_err(ns, "the Service"))?
     else {
         return Ok(Err(format!(
-            "the Ingress needs a Service {app} in {ns} to copy for the canary"
-        )));
-    };
-    let Some(ingress) = Api::<Ingress>::namespaced(ctx.client.clone(), ns)
-        .get_opt(&ctx.spec.ingress)
-        .await
-        .map_err(read("the Ingress"))?
-    else {
-        return Ok(Err(format!(
-            "Ingress {} does not exist in {ns}",
-            ctx.spec.ingress
+            "{router} needs a Service {app} in {ns} to copy for the canary"
         )));
     };
     let canary = workload::canary_name(app);
@@ -263,6 +257,64 @@ async fn route(
         &svc,
     )
     .await?;
+    Ok(Ok(()))
+}
+
+/// The canary Service, and the HTTPRoute's backendRefs split between the stable and the canary
+/// Service at `weight` (the route's other fields untouched). `Ok(Err(reason))` when the route
+/// or the Service is missing, or the route sends nothing to the app's Service.
+async fn route_http(
+    ctx: &StepCtx<'_>,
+    stable: &Deployment,
+    weight: u32,
+) -> Result<std::result::Result<(), String>> {
+    let ns = ctx.spec.namespace.as_str();
+    let route = ctx.spec.http_route.as_str();
+    if let Err(reason) = canary_service(ctx, stable, &format!("HTTPRoute {route}")).await? {
+        return Ok(Err(reason));
+    }
+    ctx.fence
+        .check(&format!("setting HTTPRoute {route} to {weight}%"))
+        .await?;
+    let set = workload::set_route_weight(ctx.client, ns, route, &ctx.spec.app, weight)
+        .await
+        .map_err(|source| Error::Write {
+            what: format!("HTTPRoute {route}"),
+            namespace: ns.to_owned(),
+            source,
+        })?;
+    Ok(match set {
+        true => Ok(()),
+        false => Err(format!(
+            "HTTPRoute {route} does not exist in {ns}, or none of its rules sends to Service {}",
+            ctx.spec.app
+        )),
+    })
+}
+
+/// A canary Service and a canary Ingress (the main Ingress's rules pointed at it) with
+/// ingress-nginx's canary weight. `Ok(Err(reason))` when the configured objects are missing.
+async fn route(
+    ctx: &StepCtx<'_>,
+    stable: &Deployment,
+    weight: u32,
+) -> Result<std::result::Result<(), String>> {
+    let ns = ctx.spec.namespace.as_str();
+    let app = ctx.spec.app.as_str();
+    if let Err(reason) = canary_service(ctx, stable, "the Ingress").await? {
+        return Ok(Err(reason));
+    }
+    let Some(ingress) = Api::<Ingress>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&ctx.spec.ingress)
+        .await
+        .map_err(read_err(ns, "the Ingress"))?
+    else {
+        return Ok(Err(format!(
+            "Ingress {} does not exist in {ns}",
+            ctx.spec.ingress
+        )));
+    };
+    let canary = workload::canary_name(app);
     let mut rules = serde_json::to_value(
         ingress
             .spec

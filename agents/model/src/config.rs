@@ -156,6 +156,7 @@ pub struct AppSettings {
     pub build_argv: Option<Vec<String>>,
     pub build_timeout_seconds: Option<u32>,
     pub ingress: Option<String>,
+    pub http_route: Option<String>,
 }
 
 impl AppSettings {
@@ -199,6 +200,7 @@ impl AppSettings {
         set(&mut self.build_argv, &top.build_argv);
         set(&mut self.build_timeout_seconds, &top.build_timeout_seconds);
         set(&mut self.ingress, &top.ingress);
+        set(&mut self.http_route, &top.http_route);
     }
 }
 
@@ -406,6 +408,7 @@ impl Config {
             commit_time: overrides.commit_time.map(prost_types::Timestamp::from),
             build,
             ingress: s.ingress.unwrap_or_default(),
+            http_route: s.http_route.unwrap_or_default(),
             config_revision: self.revision,
             deadline_margin_seconds: s
                 .deadline_margin_seconds
@@ -466,6 +469,7 @@ impl Config {
             commit_time,
             build,
             ingress,
+            http_route,
             deadline_margin_seconds,
         );
         if fields.is_empty() && resolved != *spec {
@@ -712,6 +716,7 @@ const APP_FIELDS: &[&str] = &[
     "checks",
     "build",
     "ingress",
+    "http_route",
 ];
 
 /// A walk over the YAML tree that records every problem it meets and carries on.
@@ -1235,6 +1240,9 @@ impl Walk {
             ingress: f
                 .get("ingress")
                 .and_then(|(p, v)| self.dns_label(&p, "ingress name", v)),
+            http_route: f
+                .get("http_route")
+                .and_then(|(p, v)| self.dns_label(&p, "HTTPRoute name", v)),
             ..Default::default()
         };
         if let Some((p, v)) = f.get("rolling") {

@@ -100,7 +100,9 @@ fn build_ms(spec: &ReleaseSpec) -> i64 {
 pub fn total_budget_ms(spec: &ReleaseSpec) -> i64 {
     let margin = margin_ms(spec);
     let steps = plan(spec);
-    let mut total = build_ms(spec) + margin + margin; // the build, then the pre-checks
+    // The build, then the pre-checks and the first step's start (as long as a step may take: a
+    // deployer with many releases in flight may take that long to come to this one).
+    let mut total = build_ms(spec) + margin + step_timeout_ms(spec) + margin;
     for (i, def) in steps.iter().enumerate() {
         total += step_timeout_ms(spec) + margin;
         if analysed(spec, i as u32) {
@@ -152,11 +154,13 @@ pub fn deadline(state: &ReleaseState) -> Deadline {
         if let Some(blocking) = &state.queued_behind {
             return Deadline::Held(format!("queued behind release {blocking}"));
         }
-        return at(0, "the deployer's pre-checks".into());
+        // Waiting for the deployer may include waiting for its turn among many releases in
+        // flight: as long as a step may take, not the margin alone.
+        return at(step_timeout_ms(spec), "the deployer's pre-checks".into());
     }
     let steps = plan(spec);
     let Some(step) = state.current_step() else {
-        return at(0, "the deployer's first step".into());
+        return at(step_timeout_ms(spec), "the deployer's first step".into());
     };
     if !state.steps_ready.contains(&step) {
         let follows = if strategy(spec) == Strategy::BlueGreen && step == 0 {
@@ -255,7 +259,8 @@ mod tests {
         // The build: resolving a pushed image.
         assert_eq!(at(deadline(&s)), 1_000 + 60_000 + 5_000);
         s.image_ref = Some("web@sha256:1".into());
-        assert_eq!(at(deadline(&s)), 1_000 + 5_000);
+        // The pre-checks: as long as a step may take (the deployer's turn may come late).
+        assert_eq!(at(deadline(&s)), 1_000 + 30_000 + 5_000);
         s.deploy_started = true;
         s.steps_started.insert(0, 10);
         s.last_progress_ms = Some(2_000);
@@ -321,14 +326,14 @@ mod tests {
     fn the_whole_budget_adds_up_the_path() {
         let mut rolling = spec(Strategy::Rolling);
         rolling.canary = None;
-        // build 60 + 2 margins, one step 30 + 5, its analysis 22 + 5.
-        assert_eq!(total_budget_ms(&rolling), (60 + 10 + 35 + 27) * 1000);
+        // build 60 + 5, the pre-checks 30 + 5, one step 30 + 5, its analysis 22 + 5.
+        assert_eq!(total_budget_ms(&rolling), (65 + 35 + 35 + 27) * 1000);
         let canary = spec(Strategy::Canary);
         // + step 0 (35) + analysis (27) + pause (65), step 1 (35) + analysis 102+5, step 2
         // (the promotion at 100%: 35 + 27).
         assert_eq!(
             total_budget_ms(&canary),
-            (70 + 35 + 27 + 65 + 35 + 107 + 35 + 27) * 1000
+            (65 + 35 + 35 + 27 + 65 + 35 + 107 + 35 + 27) * 1000
         );
     }
 }

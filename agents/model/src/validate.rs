@@ -107,6 +107,13 @@ pub fn release_spec(spec: &ReleaseSpec) -> Result<(), String> {
         validate_dns_label("ingress name", &spec.ingress)
             .map_err(|e| format!("spec.ingress: {e}"))?;
     }
+    if !spec.http_route.is_empty() {
+        validate_dns_label("HTTPRoute name", &spec.http_route)
+            .map_err(|e| format!("spec.http_route: {e}"))?;
+    }
+    if !spec.ingress.is_empty() && !spec.http_route.is_empty() {
+        return Err("spec.ingress and spec.http_route: a canary's traffic is split by one router, set one of them".into());
+    }
     Ok(())
 }
 

@@ -532,13 +532,19 @@ impl RollbackAgent {
             .await?;
         }
         fencer.check("removing the canary").await?;
-        workload::remove_canary(&self.client, &spec.namespace, &spec.app, &spec.ingress)
-            .await
-            .map_err(|source| Error::Restore {
-                namespace: spec.namespace.clone(),
-                name: workload::canary_name(&spec.app),
-                source,
-            })?;
+        workload::remove_canary(
+            &self.client,
+            &spec.namespace,
+            &spec.app,
+            &spec.ingress,
+            &spec.http_route,
+        )
+        .await
+        .map_err(|source| Error::Restore {
+            namespace: spec.namespace.clone(),
+            name: workload::canary_name(&spec.app),
+            source,
+        })?;
         if changed_by_this_release {
             return Ok(false);
         }

@@ -14,6 +14,10 @@ mod config;
 mod control;
 mod crash;
 mod garbage;
+// Not yet in the suite: the sandbox's kube-apiserver (Debian's 1.20 source built with Go 1.19 and
+// its vendored reflect2 1.0.1) crashes on the first request for a custom resource; see gateway.rs.
+#[allow(dead_code)]
+mod gateway;
 mod health;
 mod install;
 mod metrics;
