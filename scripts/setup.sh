@@ -7,9 +7,10 @@ set -euo pipefail
 
 KUBE_VERSION_DEB="1.20.5+really1.20.2"
 CACHE_DIR="${BATON_CACHE_DIR:-$HOME/.cache/baton}"
-KUBE_BIN_DIR="${BATON_KUBE_BIN_DIR:-$CACHE_DIR/kube-$KUBE_VERSION_DEB/bin}"
+# The cache key names what the build changes in the source (see patch_kube_vendor).
+KUBE_BIN_DIR="${BATON_KUBE_BIN_DIR:-$CACHE_DIR/kube-$KUBE_VERSION_DEB-reflect2-1.0.2/bin}"
 KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
-PKGS=(nats-server etcd-server docker-registry golang-go rsync jq ca-certificates openssl python3-venv curl)
+PKGS=(nats-server etcd-server docker-registry golang-go golang-github-modern-go-reflect2-dev rsync jq ca-certificates openssl python3-venv curl)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -75,6 +76,19 @@ ensure_deb_src() {
   apt_updated=0
 }
 
+# Kubernetes 1.20 vendors reflect2 1.0.1, whose map iteration does not match Go 1.18 and later:
+# built with Debian's Go, the API server crashes (SIGSEGV) on its first custom resource. Debian's
+# reflect2 1.0.2 is the fix; it replaces the vendored copy.
+patch_kube_vendor() {
+  local vendored=vendor/github.com/modern-go/reflect2 debian=/usr/share/gocode/src/github.com/modern-go/reflect2
+  grep -q 'github.com/modern-go/reflect2 v1.0.1' vendor/modules.txt || return 0
+  [ -f "$debian/reflect2.go" ] || { log "missing $debian (golang-github-modern-go-reflect2-dev)"; return 1; }
+  rm -rf "$vendored" && mkdir -p "$vendored"
+  find "$debian" -maxdepth 1 -type f -name '*.go' ! -name '*_test.go' -exec cp {} "$vendored/" \;
+  [ -f "$debian/go.mod" ] && cp "$debian/go.mod" "$vendored/"
+  sed -i 's|github.com/modern-go/reflect2 v1.0.1|github.com/modern-go/reflect2 v1.0.2|g' vendor/modules.txt go.mod
+}
+
 build_kube() {
   kube_bins_present && return
   log "building kube-apiserver, kube-controller-manager, kube-scheduler from Debian's kubernetes source (once, ~5 min)"
@@ -90,6 +104,7 @@ build_kube() {
     orig=$(ls kubernetes_*.orig.tar.* | head -n1)
     mkdir src && tar -xf "$orig" -C src --strip-components=1
     cd src
+    patch_kube_vendor
     mkdir -p .go/src/k8s.io
     ln -sfn ../../.. .go/src/k8s.io/kubernetes
     cd .go/src/k8s.io/kubernetes

@@ -9,6 +9,9 @@ use crate::error::{Result, SandboxError};
 
 /// The Kubernetes version `scripts/setup.sh` builds (Debian's source package version).
 pub const KUBE_VERSION: &str = "1.20.5+really1.20.2";
+/// The name of that build in the cache: the version and what `scripts/setup.sh` changes in its
+/// vendored sources (reflect2 1.0.2, without which the API server crashes on custom resources).
+pub const KUBE_BUILD: &str = "1.20.5+really1.20.2-reflect2-1.0.2";
 
 pub fn nats_server() -> Result<PathBuf> {
     find("nats-server", "BATON_NATS_SERVER")
@@ -37,7 +40,7 @@ pub fn kube(name: &'static str) -> Result<PathBuf> {
     }
 }
 
-/// `BATON_KUBE_BIN_DIR`, else `~/.cache/baton/kube-<version>/bin`.
+/// `BATON_KUBE_BIN_DIR`, else `~/.cache/baton/kube-<build>/bin` (see [`KUBE_BUILD`]).
 pub fn kube_bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("BATON_KUBE_BIN_DIR") {
         return PathBuf::from(dir);
@@ -48,7 +51,7 @@ pub fn kube_bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".cache"));
     cache
         .join("baton")
-        .join(format!("kube-{KUBE_VERSION}"))
+        .join(format!("kube-{KUBE_BUILD}"))
         .join("bin")
 }
 

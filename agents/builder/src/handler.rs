@@ -167,14 +167,22 @@ impl Handler for Builder {
     }
 
     /// The release's request was dead-lettered here: it can't be built, so the build fails with
-    /// the reason (and the release ends).
+    /// the reason (and the release ends). A spec refused by the configuration is not reported
+    /// here: every agent refuses it alike, and the rollback agent alone ends the release, so no
+    /// stage's failure lands after its `release.failed`.
     fn on_dead_letter<'a>(
         &'a self,
         ctx: &'a AgentContext,
         d: &'a Delivery,
+        category: &'a str,
         reason: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if category == baton_core::specguard::CATEGORY {
+                // The rollback agent refuses the same spec and ends the release: one report.
+                tracing::info!("the spec was refused; the rollback agent ends the release");
+                return;
+            }
             match ctx.release_state_bounded(d.subject.release_id).await {
                 Ok((_, state))
                     if state.terminal.is_none()

@@ -176,13 +176,14 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Called after `delivery` was dead-lettered (refused, retries exhausted, or the handler
-    /// panicked on its last delivery) with the reason: the release it belongs to lost a trigger,
-    /// so the agent tells it in an event of its own (e.g. `deploy.failed`), and the release ends
-    /// instead of waiting forever. By default nothing.
+    /// panicked on its last delivery) with the error's category and the reason: the release it
+    /// belongs to lost a trigger, so the agent tells it in an event of its own (e.g.
+    /// `deploy.failed`), and the release ends instead of waiting forever. By default nothing.
     fn on_dead_letter<'a>(
         &'a self,
         _ctx: &'a AgentContext,
         _delivery: &'a Delivery,
+        _category: &'a str,
         _reason: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async {})
@@ -639,6 +640,7 @@ async fn settle(
                     ("category", e.category()),
                 ],
             );
+            let category = e.category();
             match e {
                 HandlerError::Retry { reason, .. } if last_delivery => {
                     let reason = format!("gave up after {delivered} deliveries: {reason}");
@@ -652,7 +654,9 @@ async fn settle(
                     )
                     .await
                     {
-                        handler.on_dead_letter(ctx, delivery, &reason).await;
+                        handler
+                            .on_dead_letter(ctx, delivery, category, &reason)
+                            .await;
                     }
                 }
                 HandlerError::Retry { reason, .. } => {
@@ -664,7 +668,9 @@ async fn settle(
                 HandlerError::Permanent { reason, .. } => {
                     tracing::warn!(%reason, "handler refused the event");
                     if dead_letter(ctx, durable, message, "rejected", &reason, delivered).await {
-                        handler.on_dead_letter(ctx, delivery, &reason).await;
+                        handler
+                            .on_dead_letter(ctx, delivery, category, &reason)
+                            .await;
                     }
                 }
             }
@@ -681,7 +687,9 @@ async fn settle(
             if last_delivery {
                 let reason = format!("gave up after {delivered} deliveries: {reason}");
                 if dead_letter(ctx, durable, message, "panicked", &reason, delivered).await {
-                    handler.on_dead_letter(ctx, delivery, &reason).await;
+                    handler
+                        .on_dead_letter(ctx, delivery, "panicked", &reason)
+                        .await;
                 }
             } else {
                 outcome("retry");

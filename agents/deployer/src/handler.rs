@@ -65,9 +65,15 @@ impl Handler for Deployer {
         &'a self,
         ctx: &'a AgentContext,
         d: &'a Delivery,
+        category: &'a str,
         reason: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if category == baton_core::specguard::CATEGORY {
+                // Refused alike by the rollback agent, which ends the release: one report.
+                tracing::info!("the spec was refused; the rollback agent ends the release");
+                return;
+            }
             let state = match ctx.release_state_bounded(d.subject.release_id).await {
                 Ok((_, state)) => state,
                 Err(e) => {

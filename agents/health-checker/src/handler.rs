@@ -50,6 +50,7 @@ impl Handler for HealthChecker {
         &'a self,
         ctx: &'a AgentContext,
         d: &'a Delivery,
+        _category: &'a str,
         reason: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {

@@ -61,6 +61,7 @@ impl Handler for RollbackAgent {
         &'a self,
         ctx: &'a AgentContext,
         d: &'a Delivery,
+        _category: &'a str,
         reason: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
