@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Baton's sandbox needs on a Debian machine, idempotently and fast when all is there:
-# nats-server, etcd, the OCI registry and Go from Debian's packages, and kube-apiserver,
+# nats-server, etcd, the OCI registry, Prometheus and Go from Debian's packages, and kube-apiserver,
 # kube-controller-manager and kube-scheduler built once from Debian's `kubernetes` source package
 # and cached under ~/.cache/baton (override with BATON_KUBE_BIN_DIR).
 set -euo pipefail
@@ -10,7 +10,7 @@ CACHE_DIR="${BATON_CACHE_DIR:-$HOME/.cache/baton}"
 # The cache key names what the build changes in the source (see patch_kube_vendor).
 KUBE_BIN_DIR="${BATON_KUBE_BIN_DIR:-$CACHE_DIR/kube-$KUBE_VERSION_DEB-reflect2-1.0.2/bin}"
 KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
-PKGS=(nats-server etcd-server docker-registry golang-go golang-github-modern-go-reflect2-dev rsync jq ca-certificates openssl python3-venv curl)
+PKGS=(nats-server etcd-server docker-registry prometheus golang-go golang-github-modern-go-reflect2-dev rsync jq ca-certificates openssl python3-venv curl)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -45,7 +45,7 @@ install_packages() {
   fi
   # Debian's packages start their services; the sandbox runs its own instances on random ports.
   local svc
-  for svc in nats-server etcd docker-registry; do
+  for svc in nats-server etcd docker-registry prometheus; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
       as_root systemctl disable --now "$svc" >/dev/null 2>&1 || true
     fi

@@ -25,6 +25,10 @@ pub fn docker_registry() -> Result<PathBuf> {
     find("docker-registry", "BATON_REGISTRY_BIN")
 }
 
+pub fn prometheus() -> Result<PathBuf> {
+    find("prometheus", "BATON_PROMETHEUS_BIN")
+}
+
 /// One of kube-apiserver, kube-controller-manager, kube-scheduler.
 pub fn kube(name: &'static str) -> Result<PathBuf> {
     let dir = kube_bin_dir();

@@ -12,6 +12,7 @@ pub mod manifests;
 pub mod nats;
 pub mod node;
 pub mod process;
+pub mod prometheus;
 pub mod registry;
 pub mod registry_server;
 pub mod seed;
@@ -25,6 +26,7 @@ use tracing::{info, warn};
 pub use crate::error::{Result, SandboxError};
 pub use crate::kube::KubeCluster;
 pub use crate::nats::{NatsCluster, NatsServer, DEFAULT_CLUSTERS, NATS_USERS};
+pub use crate::prometheus::PrometheusServer;
 pub use crate::registry_server::RegistryServer;
 
 /// Installs rustls' ring provider as the process default (kube and reqwest are built without

@@ -218,7 +218,41 @@ fn check_of(c: &baton_proto::v1::Check) -> Value {
             put(&mut k, "timeout", ms(s.timeout_ms), s.timeout_ms > 0);
             m.insert("smoke".into(), Value::Object(k));
         }
+        Some(check::Kind::Prometheus(p)) => {
+            let mut k = judgement(p.judgement.as_ref());
+            k.insert("address".into(), json!(p.address));
+            k.insert("query".into(), json!(p.query));
+            m.insert("prometheus".into(), Value::Object(k));
+        }
+        Some(check::Kind::Webhook(w)) => {
+            let mut k = judgement(w.judgement.as_ref());
+            k.insert("url".into(), json!(w.url));
+            k.insert("field".into(), json!(w.field));
+            m.insert("webhook".into(), Value::Object(k));
+        }
         None => {}
     }
     Value::Object(m)
+}
+
+/// A metric check's judgement as configuration fields.
+fn judgement(j: Option<&baton_proto::v1::MetricJudgement>) -> Map<String, Value> {
+    let mut k = Map::new();
+    let Some(j) = j else { return k };
+    k.insert("condition".into(), json!(j.condition));
+    put(
+        &mut k,
+        "aggregate",
+        json!(j.aggregate),
+        !j.aggregate.is_empty(),
+    );
+    k.insert("error_limit".into(), json!(j.error_limit));
+    put(
+        &mut k,
+        "on_error",
+        json!("inconclusive"),
+        j.inconclusive_on_error,
+    );
+    put(&mut k, "timeout", ms(j.timeout_ms), j.timeout_ms > 0);
+    k
 }

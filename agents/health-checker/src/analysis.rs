@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use baton_core::fold::ReleaseState;
+use baton_core::metric::{Aggregate, Condition};
 use baton_proto::v1::{
     check, AnalysisFailed, AnalysisParams, DeployStepReady, Measurement, ReleaseSpec,
 };
@@ -32,6 +33,10 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_LATENCY_REQUESTS: u32 = 20;
 pub const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_METRIC_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most series of a query's result judged one by one: more is a query that forgot to
+/// aggregate.
+pub const MAX_SERIES: usize = 100;
 /// More new pods than this in one step is more than one analysis should probe every interval.
 pub const MAX_PODS: usize = 1000;
 /// At most this many measurements in a verdict (the first is the summary of the rounds).
@@ -217,11 +222,45 @@ pub struct SmokePlan {
     pub timeout: Duration,
 }
 
+/// Where a metric check's value comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetricSource {
+    /// An instant query (its variables still to fill in) to a Prometheus server's HTTP API.
+    Prometheus { address: String, query: String },
+    /// A POST of the release's context; `field` is the path of the value in the JSON answer.
+    Webhook { url: String, field: Vec<String> },
+}
+
+/// A metric check, resolved: a value read every round and judged by a condition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricPlan {
+    pub source: MetricSource,
+    pub condition: Condition,
+    pub aggregate: Aggregate,
+    /// Consecutive errors tolerated.
+    pub error_limit: u32,
+    /// Past the limit: end the analysis without a verdict instead of failing the round.
+    pub inconclusive_on_error: bool,
+    pub timeout: Duration,
+}
+
+impl MetricPlan {
+    /// What measurements name as the target of a value that is not one series': the server or
+    /// the URL.
+    pub fn target(&self) -> &str {
+        match &self.source {
+            MetricSource::Prometheus { address, .. } => address,
+            MetricSource::Webhook { url, .. } => url,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum CheckKind {
     Http(HttpPlan),
     Latency(LatencyPlan),
     Smoke(SmokePlan),
+    Metric(MetricPlan),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -283,9 +322,11 @@ pub fn plan(spec: &ReleaseSpec) -> Result<Plan, String> {
             Some(check::Kind::Http(_)) => "http",
             Some(check::Kind::Latency(_)) => "latency",
             Some(check::Kind::Smoke(_)) => "smoke",
+            Some(check::Kind::Prometheus(_)) => "prometheus",
+            Some(check::Kind::Webhook(_)) => "webhook",
             None => {
                 return Err(format!(
-                    "{field}: check has no kind (http, latency or smoke)"
+                    "{field}: check has no kind (http, latency, smoke, prometheus or webhook)"
                 ))
             }
         };
@@ -402,11 +443,66 @@ pub fn plan(spec: &ReleaseSpec) -> Result<Plan, String> {
                     )?,
                 })
             }
+            Some(check::Kind::Prometheus(p)) => {
+                url_shape(&p.address).map_err(|e| format!("{field}: address: {e}"))?;
+                if p.query.trim().is_empty() {
+                    return Err(format!("{field}: a prometheus check needs a query"));
+                }
+                baton_core::metric::template_variables(&p.query)
+                    .map_err(|e| format!("{field}: query {e}"))?;
+                let source = MetricSource::Prometheus {
+                    address: p.address.trim_end_matches('/').to_owned(),
+                    query: p.query.clone(),
+                };
+                CheckKind::Metric(metric_plan(&field, source, p.judgement.as_ref())?)
+            }
+            Some(check::Kind::Webhook(w)) => {
+                url_shape(&w.url).map_err(|e| format!("{field}: url: {e}"))?;
+                let path = baton_core::metric::field_path(&w.field)
+                    .map_err(|e| format!("{field}: field {e}"))?;
+                let source = MetricSource::Webhook {
+                    url: w.url.clone(),
+                    field: path.into_iter().map(str::to_owned).collect(),
+                };
+                CheckKind::Metric(metric_plan(&field, source, w.judgement.as_ref())?)
+            }
             None => return Err(format!("{field}: check has no kind")),
         };
         checks.push(PlannedCheck { name, kind });
     }
     Ok(Plan { settings, checks })
+}
+
+fn metric_plan(
+    field: &str,
+    source: MetricSource,
+    judgement: Option<&baton_proto::v1::MetricJudgement>,
+) -> Result<MetricPlan, String> {
+    let j = judgement.ok_or_else(|| format!("{field}: a metric check needs a condition"))?;
+    let condition =
+        Condition::parse(&j.condition).map_err(|e| format!("{field}: condition: {e}"))?;
+    let aggregate =
+        Aggregate::parse(&j.aggregate).map_err(|e| format!("{field}: aggregate: {e}"))?;
+    if j.error_limit > baton_core::metric::MAX_ERROR_LIMIT {
+        return Err(format!(
+            "{field}: error_limit {} is more than {}",
+            j.error_limit,
+            baton_core::metric::MAX_ERROR_LIMIT
+        ));
+    }
+    Ok(MetricPlan {
+        source,
+        condition,
+        aggregate,
+        error_limit: j.error_limit,
+        inconclusive_on_error: j.inconclusive_on_error,
+        timeout: duration_ms(
+            j.timeout_ms,
+            DEFAULT_METRIC_TIMEOUT,
+            MAX_REQUEST_TIMEOUT,
+            &format!("{field}: timeout_ms"),
+        )?,
+    })
 }
 
 fn request_path(path: &str, default: &str) -> Result<String, String> {
@@ -514,6 +610,109 @@ pub fn pod_targets(ready: &DeployStepReady) -> Result<Vec<PodTarget>, String> {
             })
         })
         .collect()
+}
+
+/// The shortest `{{window}}`: `rate()` over less than a few scrapes has no data.
+pub const MIN_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a metric check knows of the release: the variables of a query, and the JSON a webhook
+/// is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseContext {
+    vars: Vec<(&'static str, String)>,
+    pods: Vec<(String, String)>,
+    image: String,
+    strategy: String,
+}
+
+impl ReleaseContext {
+    /// From the release's spec, its id, the step and its new pods, and the analysis' interval
+    /// (`{{window}}`, at least [`MIN_WINDOW`]).
+    pub fn new(
+        spec: &ReleaseSpec,
+        release_id: &str,
+        step: u32,
+        pods: &[PodTarget],
+        interval: Duration,
+    ) -> ReleaseContext {
+        let strategy = baton_proto::v1::Strategy::try_from(spec.strategy)
+            .unwrap_or(baton_proto::v1::Strategy::Unspecified);
+        let track = match strategy {
+            baton_proto::v1::Strategy::Canary => "canary".to_owned(),
+            // The new colour, from its pods' names (`<app>-<colour>-…`).
+            baton_proto::v1::Strategy::BlueGreen => pods
+                .first()
+                .and_then(|p| p.name.strip_prefix(&format!("{}-", spec.app)))
+                .and_then(|rest| ["blue", "green"].into_iter().find(|c| rest.starts_with(c)))
+                .unwrap_or("preview")
+                .to_owned(),
+            _ => "stable".to_owned(),
+        };
+        let window = interval.max(MIN_WINDOW).as_secs();
+        let vars = vec![
+            ("app", spec.app.clone()),
+            ("namespace", spec.namespace.clone()),
+            ("env", spec.env.clone()),
+            ("track", track),
+            (
+                "pods",
+                baton_core::metric::regex_alternation(pods.iter().map(|p| p.name.as_str())),
+            ),
+            ("window", format!("{window}s")),
+            ("release_id", release_id.to_owned()),
+            ("step", step.to_string()),
+        ];
+        ReleaseContext {
+            vars,
+            pods: pods
+                .iter()
+                .map(|p| (p.name.clone(), p.ip.to_string()))
+                .collect(),
+            image: spec.image.clone(),
+            strategy: baton_core::config::strategy_name(strategy).to_owned(),
+        }
+    }
+
+    fn var(&self, name: &str) -> String {
+        self.vars
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// A query with its variables filled in.
+    pub fn query(&self, template: &str) -> String {
+        baton_core::metric::render(template, |name| self.var(name))
+    }
+
+    /// What a webhook check POSTs: the release, the step and its new pods.
+    pub fn webhook_body(&self, check: &str) -> serde_json::Value {
+        let mut body = serde_json::Map::new();
+        for (name, value) in &self.vars {
+            if *name == "pods" || *name == "window" {
+                continue;
+            }
+            body.insert((*name).to_owned(), serde_json::Value::String(value.clone()));
+        }
+        body.insert(
+            "step".into(),
+            serde_json::json!(self.var("step").parse::<u32>().unwrap_or(0)),
+        );
+        body.insert("check".into(), serde_json::json!(check));
+        body.insert("image".into(), serde_json::json!(self.image));
+        body.insert("strategy".into(), serde_json::json!(self.strategy));
+        body.insert(
+            "pods".into(),
+            serde_json::Value::Array(
+                self.pods
+                    .iter()
+                    .map(|(name, ip)| serde_json::json!({ "name": name, "ip": ip }))
+                    .collect(),
+            ),
+        );
+        serde_json::Value::Object(body)
+    }
 }
 
 /// The nearest-rank percentile (`p` in (0, 100]) of `samples`: the smallest value with at least
@@ -677,6 +876,113 @@ fn percentile_label(p: f64) -> String {
 
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+/// One series of a metric's reading: its labels as text (`{pod="web-1"}`) and its value.
+pub type Series = (String, f64);
+
+/// The measurements of a metric check in one round, from its reading (the series, or why there
+/// are none). `errors` counts the check's consecutive errors (a failed query, no data, an
+/// unreachable server), across rounds: up to the plan's limit they are recorded and tolerated;
+/// past it they fail the round, or — with `inconclusive_on_error` — end the analysis without a
+/// verdict, which is the `Some(reason)` returned.
+pub fn metric_measurements(
+    check: &str,
+    plan: &MetricPlan,
+    reading: &Result<Vec<Series>, String>,
+    errors: &mut u32,
+) -> (Vec<Measurement>, Option<String>) {
+    let target = plan.target();
+    let values: Result<Vec<Series>, String> = match reading {
+        Err(e) => Err(e.clone()),
+        Ok(series) => {
+            let defined: Vec<Series> = series
+                .iter()
+                .filter(|(_, v)| v.is_finite())
+                .cloned()
+                .collect();
+            if defined.is_empty() {
+                Err(if series.is_empty() {
+                    "no data: the result is empty".to_owned()
+                } else {
+                    "no data: every value is NaN or infinite".to_owned()
+                })
+            } else if defined.len() > MAX_SERIES && plan.aggregate == Aggregate::Each {
+                Err(format!(
+                    "{} series, more than {MAX_SERIES}: aggregate them (aggregate: max, or in the query)",
+                    defined.len()
+                ))
+            } else {
+                Ok(defined)
+            }
+        }
+    };
+    let series = match values {
+        Ok(series) => series,
+        Err(why) => {
+            *errors = errors.saturating_add(1);
+            let n = *errors;
+            let counted = |ok: bool, detail: String| {
+                vec![measurement(
+                    check,
+                    target.to_owned(),
+                    ok,
+                    f64::from(n),
+                    "errors",
+                    detail,
+                )]
+            };
+            if n <= plan.error_limit {
+                let detail = format!("error {n} in a row, {} tolerated: {why}", plan.error_limit);
+                return (counted(true, detail), None);
+            }
+            let detail = format!(
+                "{n} errors in a row, more than the limit of {}: {why}",
+                plan.error_limit
+            );
+            if plan.inconclusive_on_error {
+                let reason = format!("check {check} on {target}: {detail}");
+                return (counted(true, detail), Some(reason));
+            }
+            return (counted(false, detail), None);
+        }
+    };
+    *errors = 0;
+    let judged: Vec<(String, f64)> = match plan.aggregate {
+        Aggregate::Each => series,
+        aggregate => {
+            let values: Vec<f64> = series.iter().map(|(_, v)| *v).collect();
+            aggregate
+                .apply(&values)
+                .into_iter()
+                .map(|v| (format!("{}({target})", aggregate.name()), v))
+                .collect()
+        }
+    };
+    let measurements = judged
+        .into_iter()
+        .map(|(label, value)| {
+            let ok = plan.condition.holds(value);
+            let target = if label.is_empty() || label == "{}" {
+                target.to_owned()
+            } else {
+                label
+            };
+            measurement(
+                check,
+                target,
+                ok,
+                value,
+                "value",
+                format!(
+                    "{} (must be {})",
+                    plan.condition.explain(value),
+                    plan.condition
+                ),
+            )
+        })
+        .collect();
+    (measurements, None)
 }
 
 /// How a smoke test ended.

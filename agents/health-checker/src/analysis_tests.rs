@@ -1144,3 +1144,145 @@ fn a_canary_step_may_have_an_analysis_of_its_own() {
         (30, 5, 1)
     );
 }
+
+fn prometheus_check(query: &str, condition: &str, aggregate: &str, on_error: bool) -> Check {
+    Check {
+        name: "error-rate".into(),
+        kind: Some(check::Kind::Prometheus(PrometheusCheck {
+            address: "http://127.0.0.1:9090/".into(),
+            query: query.into(),
+            judgement: Some(MetricJudgement {
+                condition: condition.into(),
+                aggregate: aggregate.into(),
+                error_limit: 2,
+                inconclusive_on_error: on_error,
+                timeout_ms: 0,
+            }),
+        })),
+    }
+}
+
+fn metric_plan_of(c: Check) -> MetricPlan {
+    let spec = ReleaseSpec {
+        checks: vec![c],
+        ..spec()
+    };
+    match plan(&spec).unwrap().checks.remove(0).kind {
+        CheckKind::Metric(m) => m,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn metric_checks_are_planned_with_their_defaults_and_refused_when_they_cannot_run() {
+    let m = metric_plan_of(prometheus_check("up", "result < 0.01", "", false));
+    assert_eq!(
+        m.source,
+        MetricSource::Prometheus {
+            address: "http://127.0.0.1:9090".into(),
+            query: "up".into()
+        }
+    );
+    assert_eq!(m.timeout, DEFAULT_METRIC_TIMEOUT);
+    assert_eq!(m.aggregate, Aggregate::Each);
+    for (c, needle) in [
+        (prometheus_check("up", "result ~ 1", "", false), "condition"),
+        (prometheus_check("up", "< 1", "median", false), "aggregate"),
+        (
+            prometheus_check("up{{{secret}}}", "< 1", "", false),
+            "{{secret}}",
+        ),
+        (prometheus_check(" ", "< 1", "", false), "needs a query"),
+    ] {
+        let spec = ReleaseSpec {
+            checks: vec![c],
+            ..spec()
+        };
+        let e = plan(&spec).unwrap_err();
+        assert!(e.contains(needle), "{e}");
+    }
+}
+
+#[test]
+fn a_metric_reading_is_judged_per_series_or_aggregated_and_errors_count_in_a_row() {
+    let each = metric_plan_of(prometheus_check("q", "result < 0.1", "", false));
+    let mut errors = 0;
+    let reading = Ok(vec![
+        ("{pod=\"a\"}".to_owned(), 0.05),
+        ("{pod=\"b\"}".to_owned(), 0.4),
+    ]);
+    let (ms, stop) = metric_measurements("error-rate", &each, &reading, &mut errors);
+    assert!(stop.is_none());
+    assert_eq!(ms.len(), 2);
+    assert!(ms[0].ok && !ms[1].ok, "{ms:?}");
+    assert_eq!(ms[1].target, "{pod=\"b\"}");
+    assert_eq!(ms[1].detail, "0.4 >= 0.1 (must be result < 0.1)");
+
+    let max = metric_plan_of(prometheus_check("q", "result < 0.5", "max", false));
+    let (ms, _) = metric_measurements("error-rate", &max, &reading, &mut errors);
+    assert_eq!(ms.len(), 1);
+    assert!(ms[0].ok && ms[0].value == 0.4, "{ms:?}");
+    assert_eq!(ms[0].target, "max(http://127.0.0.1:9090)");
+
+    // NaN (0/0: no traffic yet) and an empty result are no data: errors, tolerated up to the
+    // limit (2), then the round fails.
+    let nan = Ok(vec![("{}".to_owned(), f64::NAN)]);
+    let empty = Ok(vec![]);
+    let down = Err("cannot connect: connection refused".to_owned());
+    let mut errors = 0;
+    for (i, r) in [&nan, &empty].into_iter().enumerate() {
+        let (ms, stop) = metric_measurements("error-rate", &each, r, &mut errors);
+        assert!(ms[0].ok && stop.is_none(), "{i}: {ms:?}");
+        assert_eq!(ms[0].unit, "errors");
+    }
+    let (ms, stop) = metric_measurements("error-rate", &each, &down, &mut errors);
+    assert!(!ms[0].ok && stop.is_none(), "{ms:?}");
+    assert!(
+        ms[0]
+            .detail
+            .contains("3 errors in a row, more than the limit of 2: cannot connect"),
+        "{}",
+        ms[0].detail
+    );
+    // A good reading starts the count again.
+    let _ = metric_measurements("error-rate", &each, &reading, &mut errors);
+    assert_eq!(errors, 0);
+
+    // on_error: inconclusive ends the analysis without a verdict instead.
+    let lenient = metric_plan_of(prometheus_check("q", "result < 0.1", "", true));
+    let mut errors = 2;
+    let (ms, stop) = metric_measurements("error-rate", &lenient, &down, &mut errors);
+    assert!(ms[0].ok, "{ms:?}");
+    assert!(stop.unwrap().contains("connection refused"));
+}
+
+#[test]
+fn a_query_s_variables_come_from_the_release_and_its_step() {
+    let pods = [PodTarget {
+        name: "web-canary-5d9f-x1".into(),
+        ip: "10.0.0.7".parse().unwrap(),
+        image: "img".into(),
+    }];
+    let ctx = ReleaseContext::new(&spec(), "r-1", 2, &pods, Duration::from_secs(2));
+    assert_eq!(
+        ctx.query(r#"rate(x{pod=~"{{pods}}",namespace="{{namespace}}",track="{{track}}"}[{{window}}]) # {{app}} {{env}} {{release_id}} {{step}}"#),
+        r#"rate(x{pod=~"web-canary-5d9f-x1",namespace="web",track="canary"}[10s]) # web staging r-1 2"#
+    );
+    let body = ctx.webhook_body("score");
+    assert_eq!(body["app"], "web");
+    assert_eq!(body["step"], 2);
+    assert_eq!(body["track"], "canary");
+    assert_eq!(body["check"], "score");
+    assert_eq!(body["strategy"], "canary");
+    assert_eq!(body["pods"][0]["ip"], "10.0.0.7");
+    let green = ReleaseSpec {
+        strategy: Strategy::BlueGreen as i32,
+        ..spec()
+    };
+    let pods = [PodTarget {
+        name: "web-green-7c-1".into(),
+        ..pods[0].clone()
+    }];
+    let ctx = ReleaseContext::new(&green, "r-1", 0, &pods, Duration::from_secs(30));
+    assert_eq!(ctx.query("{{track}} {{window}}"), "green 30s");
+}

@@ -12,7 +12,7 @@ use kube::Api;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::analysis::{
-    HttpAttempt, HttpPlan, LatencyPlan, PodObservation, Sample, SmokePlan, SmokeRun,
+    HttpAttempt, HttpPlan, LatencyPlan, PodObservation, Sample, Series, SmokePlan, SmokeRun,
 };
 use crate::error::{Error, Result};
 
@@ -195,6 +195,63 @@ impl Checker {
         }
     }
 
+    /// An instant query to a Prometheus server's HTTP API (`GET /api/v1/query`): the series of
+    /// its result (a vector, or a scalar as one series), or why there are none.
+    pub async fn prometheus(
+        &self,
+        address: &str,
+        query: &str,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<Series>, String> {
+        let mut url = reqwest::Url::parse(&format!("{address}/api/v1/query"))
+            .map_err(|e| format!("{address:?}: {e}"))?;
+        url.query_pairs_mut().append_pair("query", query);
+        let request = self.http.get(url).timeout(timeout);
+        let body = self.answer(request, timeout).await?;
+        prometheus_series(&body)
+    }
+
+    /// A POST of `context` as JSON to a webhook; the number at `field` in its JSON answer.
+    pub async fn webhook(
+        &self,
+        url: &str,
+        field: &[String],
+        context: &serde_json::Value,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<Series>, String> {
+        let request = self.http.post(url).json(context).timeout(timeout);
+        let body = self.answer(request, timeout).await?;
+        let answer: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("the answer is not JSON: {e}"))?;
+        let value = json_number(&answer, field)?;
+        Ok(vec![(String::new(), value)])
+    }
+
+    /// The body of a 2xx answer, or why there is none.
+    async fn answer(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> std::result::Result<String, String> {
+        let result = tokio::time::timeout(timeout + Duration::from_millis(100), async {
+            let response = request.send().await?;
+            let status = response.status();
+            let body = read_body(response).await?;
+            Ok::<_, reqwest::Error>((status, body))
+        })
+        .await;
+        match result {
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            Ok(Err(e)) => Err(describe(&e, timeout)),
+            Ok(Ok((status, body))) if !status.is_success() => {
+                let body = body.trim();
+                let excerpt: String = body.chars().take(200).collect();
+                Err(format!("status {}: {excerpt}", status.as_u16()))
+            }
+            Ok(Ok((_, body))) => Ok(body),
+        }
+    }
+
     /// The named pods of `namespace` as the cluster has them (absent when gone).
     pub async fn pods(
         &self,
@@ -361,6 +418,87 @@ fn observe(pod: &Pod) -> PodObservation {
     }
 }
 
+/// The series of a Prometheus query's answer (its HTTP API's JSON).
+pub fn prometheus_series(body: &str) -> std::result::Result<Vec<Series>, String> {
+    use serde_json::Value;
+    let answer: Value =
+        serde_json::from_str(body).map_err(|e| format!("the answer is not JSON: {e}"))?;
+    if answer["status"] != "success" {
+        return Err(format!(
+            "the query failed: {} {}",
+            answer["errorType"].as_str().unwrap_or("error"),
+            answer["error"].as_str().unwrap_or("(no message)")
+        ));
+    }
+    let sample = |v: &Value| -> std::result::Result<f64, String> {
+        // [ <unix time>, "<value>" ]; Prometheus writes NaN and ±Inf as text too.
+        let text = v
+            .get(1)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("a sample is not [time, \"value\"]: {v}"))?;
+        match text {
+            "NaN" => Ok(f64::NAN),
+            "+Inf" => Ok(f64::INFINITY),
+            "-Inf" => Ok(f64::NEG_INFINITY),
+            t => t.parse().map_err(|_| format!("{t:?} is not a number")),
+        }
+    };
+    let data = &answer["data"];
+    match data["resultType"].as_str() {
+        Some("scalar") => Ok(vec![(String::new(), sample(&data["result"])?)]),
+        Some("vector") => data["result"]
+            .as_array()
+            .ok_or_else(|| "the vector has no result list".to_owned())?
+            .iter()
+            .map(|series| {
+                let labels = series["metric"]
+                    .as_object()
+                    .map(|m| {
+                        let inner: Vec<String> =
+                            m.iter().map(|(k, v)| format!("{k}={}", v)).collect();
+                        format!("{{{}}}", inner.join(","))
+                    })
+                    .unwrap_or_default();
+                Ok((labels, sample(&series["value"])?))
+            })
+            .collect(),
+        Some(other) => Err(format!(
+            "the result is a {other}: write an instant query whose result is a vector or a scalar"
+        )),
+        None => Err("the answer has no resultType".into()),
+    }
+}
+
+/// The number at `path` in `answer` (objects by key, arrays by index); `true` and `false` count
+/// as 1 and 0, and a string holding a number as that number.
+pub fn json_number(
+    answer: &serde_json::Value,
+    path: &[String],
+) -> std::result::Result<f64, String> {
+    use serde_json::Value;
+    let mut at = answer;
+    for (i, part) in path.iter().enumerate() {
+        let next = match at {
+            Value::Object(map) => map.get(part),
+            Value::Array(items) => part.parse::<usize>().ok().and_then(|n| items.get(n)),
+            _ => None,
+        };
+        at = next.ok_or_else(|| format!("the answer has no field {}", path[..=i].join(".")))?;
+    }
+    let name = path.join(".");
+    match at {
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| format!("field {name} is not a number")),
+        Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
+        Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("field {name} is {s:?}, not a number")),
+        other => Err(format!("field {name} is {other}, not a number")),
+    }
+}
+
 /// Checks that a check's URL parses as the HTTP client will use it.
 pub fn parse_url(url: &str) -> std::result::Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
@@ -368,4 +506,55 @@ pub fn parse_url(url: &str) -> std::result::Result<(), String> {
         return Err(format!("{url:?} is not an http(s) URL with a host"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_answers_become_series() {
+        let vector = r#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"pod":"web-1"},"value":[1700000000.1,"0.25"]},
+            {"metric":{},"value":[1700000000.1,"NaN"]}]}}"#;
+        let series = prometheus_series(vector).unwrap();
+        assert_eq!(series[0], ("{pod=\"web-1\"}".to_owned(), 0.25));
+        assert_eq!(series[1].0, "{}");
+        assert!(series[1].1.is_nan());
+        let scalar = r#"{"status":"success","data":{"resultType":"scalar","result":[1,"3"]}}"#;
+        assert_eq!(
+            prometheus_series(scalar).unwrap(),
+            vec![(String::new(), 3.0)]
+        );
+        let bad = r#"{"status":"error","errorType":"bad_data","error":"parse error at char 3"}"#;
+        assert_eq!(
+            prometheus_series(bad).unwrap_err(),
+            "the query failed: bad_data parse error at char 3"
+        );
+        let matrix = r#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
+        assert!(prometheus_series(matrix)
+            .unwrap_err()
+            .contains("instant query"));
+        assert!(prometheus_series("<html>")
+            .unwrap_err()
+            .contains("not JSON"));
+    }
+
+    #[test]
+    fn a_webhook_answer_s_field_is_a_number() {
+        let answer =
+            serde_json::json!({"result": {"score": 0.97, "ok": true, "n": "12", "list": [5]}});
+        let path = |p: &str| p.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(json_number(&answer, &path("result.score")).unwrap(), 0.97);
+        assert_eq!(json_number(&answer, &path("result.ok")).unwrap(), 1.0);
+        assert_eq!(json_number(&answer, &path("result.n")).unwrap(), 12.0);
+        assert_eq!(json_number(&answer, &path("result.list.0")).unwrap(), 5.0);
+        assert_eq!(
+            json_number(&answer, &path("result.missing")).unwrap_err(),
+            "the answer has no field result.missing"
+        );
+        assert!(json_number(&answer, &path("result"))
+            .unwrap_err()
+            .contains("not a number"));
+    }
 }

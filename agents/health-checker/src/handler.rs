@@ -14,7 +14,8 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 
 use crate::analysis::{
-    self, latency_measurements, CheckKind, Decision, Plan, PodTarget, Tally, Verdict,
+    self, latency_measurements, CheckKind, Decision, MetricSource, Plan, PodTarget, ReleaseContext,
+    Series, Tally, Verdict,
 };
 use crate::checks::{self, Checker};
 
@@ -88,6 +89,13 @@ impl Handler for HealthChecker {
     }
 }
 
+/// A metric check's reading of one round: its name, its plan, and the series or why none.
+type MetricReading<'r> = (
+    &'r str,
+    &'r analysis::MetricPlan,
+    Result<Vec<Series>, String>,
+);
+
 /// One analysis: what to check, on which pods.
 struct Run<'a> {
     step: u32,
@@ -96,6 +104,8 @@ struct Run<'a> {
     namespace: &'a str,
     step_began_ms: Option<i64>,
     smoke_env: Vec<(String, String)>,
+    /// The variables of metric queries and the body of webhooks.
+    context: ReleaseContext,
 }
 
 impl HealthChecker {
@@ -131,12 +141,15 @@ impl HealthChecker {
         let plan = analysis::plan(&analysis::for_step(spec, step))
             .map_err(|e| HandlerError::permanent("invalid", e))?;
         for check in &plan.checks {
-            if let CheckKind::Http(h) = &check.kind {
-                if let Some(url) = &h.url {
-                    checks::parse_url(url).map_err(|e| {
-                        HandlerError::permanent("invalid", format!("check {}: url {e}", check.name))
-                    })?;
-                }
+            let url = match &check.kind {
+                CheckKind::Http(h) => h.url.as_deref(),
+                CheckKind::Metric(m) => Some(m.target()),
+                _ => None,
+            };
+            if let Some(url) = url {
+                checks::parse_url(url).map_err(|e| {
+                    HandlerError::permanent("invalid", format!("check {}: url {e}", check.name))
+                })?;
             }
         }
         let pods =
@@ -162,6 +175,13 @@ impl HealthChecker {
                     .join(","),
             ),
         ];
+        let context = ReleaseContext::new(
+            spec,
+            &release_id.to_string(),
+            step,
+            &pods,
+            plan.settings.interval,
+        );
         let run = Run {
             step,
             plan: &plan,
@@ -169,6 +189,7 @@ impl HealthChecker {
             namespace: &spec.namespace,
             step_began_ms: analysis::step_began_ms(&state, step),
             smoke_env,
+            context,
         };
 
         ctx.emit(
@@ -242,6 +263,8 @@ impl HealthChecker {
         let settings = run.plan.settings;
         let mut tally = Tally::new(settings);
         let mut baselines = HashMap::new();
+        // Consecutive errors of each metric check, across rounds.
+        let mut metric_errors: HashMap<String, u32> = HashMap::new();
         let start = tokio::time::Instant::now();
         let stopped = || {
             HandlerError::retry(
@@ -259,11 +282,22 @@ impl HealthChecker {
                 _ = ctx.shutdown.cancelled() => return Err(stopped()),
                 _ = tokio::time::sleep_until(due) => {}
             }
-            let (measurements, cluster_error) = tokio::select! {
+            let (mut measurements, cluster_error, readings) = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => return Err(stopped()),
                 r = self.round(run, &mut baselines) => r,
             };
+            let mut inconclusive = None;
+            for (check, plan, reading) in readings {
+                let errors = metric_errors.entry(check.to_owned()).or_default();
+                let (ms, stop) = analysis::metric_measurements(check, plan, &reading, errors);
+                measurements.extend(ms);
+                inconclusive = inconclusive.or(stop);
+            }
+            if let Some(reason) = inconclusive {
+                tracing::warn!(step = run.step, %reason, "a metric check is inconclusive; no verdict");
+                return Ok(Verdict::Inconclusive { reason });
+            }
             let outcome = tally.record(measurements, cluster_error);
             tracing::debug!(step = run.step, round = round + 1, ?outcome, "round done");
             if tally.exceeded() {
@@ -274,13 +308,15 @@ impl HealthChecker {
     }
 
     /// One round: every check on every pod (and URL), and the pods as the cluster has them.
-    async fn round(
+    /// Metric checks come back as readings, judged by the caller (who counts their errors).
+    async fn round<'r>(
         &self,
-        run: &Run<'_>,
+        run: &'r Run<'_>,
         baselines: &mut HashMap<String, u32>,
-    ) -> (Vec<Measurement>, Option<String>) {
+    ) -> (Vec<Measurement>, Option<String>, Vec<MetricReading<'r>>) {
         let names: Vec<String> = run.pods.iter().map(|p| p.name.clone()).collect();
         let mut tasks: Vec<BoxFuture<'_, Vec<Measurement>>> = Vec::new();
+        let mut metrics: Vec<BoxFuture<'_, MetricReading<'r>>> = Vec::new();
         for check in &run.plan.checks {
             let name = check.name.as_str();
             match &check.kind {
@@ -315,6 +351,25 @@ impl HealthChecker {
                         );
                     }
                 }
+                CheckKind::Metric(m) => {
+                    let context = &run.context;
+                    metrics.push(
+                        async move {
+                            let reading = match &m.source {
+                                MetricSource::Prometheus { address, query } => {
+                                    let query = context.query(query);
+                                    self.checker.prometheus(address, &query, m.timeout).await
+                                }
+                                MetricSource::Webhook { url, field } => {
+                                    let body = context.webhook_body(name);
+                                    self.checker.webhook(url, field, &body, m.timeout).await
+                                }
+                            };
+                            (name, m, reading)
+                        }
+                        .boxed(),
+                    );
+                }
                 CheckKind::Smoke(s) => {
                     let env = &run.smoke_env;
                     tasks.push(
@@ -330,7 +385,9 @@ impl HealthChecker {
         let checks = futures::stream::iter(tasks)
             .buffered(ROUND_CONCURRENCY)
             .collect::<Vec<_>>();
-        let (observed, results) = tokio::join!(self.checker.pods(run.namespace, &names), checks);
+        let readings = futures::future::join_all(metrics);
+        let (observed, results, readings) =
+            tokio::join!(self.checker.pods(run.namespace, &names), checks, readings);
         let mut measurements = Vec::new();
         let cluster_error = match observed {
             Ok(observed) => {
@@ -354,6 +411,6 @@ impl HealthChecker {
             }
         };
         measurements.extend(results.into_iter().flatten());
-        (measurements, cluster_error)
+        (measurements, cluster_error, readings)
     }
 }

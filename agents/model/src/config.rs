@@ -22,7 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use baton_proto::v1::{
     check, AnalysisParams, BlueGreenParams, BuildParams, CanaryParams, CanaryStep, Check,
-    HttpCheck, LatencyCheck, ReleaseSpec, RollingParams, SmokeCheck, Strategy,
+    HttpCheck, LatencyCheck, MetricJudgement, PrometheusCheck, ReleaseSpec, RollingParams,
+    SmokeCheck, Strategy, WebhookCheck,
 };
 use serde_yaml_ng::Value;
 
@@ -31,7 +32,17 @@ use crate::limits::{
     MAX_LATENCY_REQUESTS, MAX_PORT, MAX_REQUEST_TIMEOUT, MAX_SMOKE_TIMEOUT, MAX_SPEC_MILLIS,
     MAX_SPEC_SECONDS, MAX_STEPS, MAX_TEXT_BYTES as MAX_TEXT, MAX_URL_BYTES,
 };
+use crate::metric;
 use crate::names::{validate_dns_label, NameError};
+
+/// The fields every metric check (prometheus, webhook) has besides its source.
+const JUDGEMENT_FIELDS: &[&str] = &[
+    "condition",
+    "aggregate",
+    "error_limit",
+    "on_error",
+    "timeout",
+];
 
 #[cfg(test)]
 mod tests;
@@ -58,6 +69,9 @@ const DEFAULT_HTTP_INTERVAL_MS: u32 = 1_000;
 const DEFAULT_LATENCY_REQUESTS: u32 = 20;
 const DEFAULT_LATENCY_PERCENTILE: f64 = 95.0;
 const DEFAULT_SMOKE_TIMEOUT_MS: u32 = 30_000;
+const DEFAULT_METRIC_TIMEOUT_MS: u32 = 5_000;
+/// The kinds of a check, as the configuration names them.
+const CHECK_KINDS: [&str; 5] = ["http", "latency", "smoke", "prometheus", "webhook"];
 
 const SECRET_HINT: &str = "looks like a secret: secrets never go in the configuration (it is \
      stored in plain text and copied into every release event); put them in the agents' \
@@ -884,12 +898,24 @@ impl Walk {
     }
 
     fn string(&mut self, path: &str, v: &Value) -> Option<String> {
+        self.text(path, v, false)
+    }
+
+    /// A string that may span lines (a query written as a YAML block).
+    fn lines(&mut self, path: &str, v: &Value) -> Option<String> {
+        self.text(path, v, true)
+    }
+
+    fn text(&mut self, path: &str, v: &Value, lines: bool) -> Option<String> {
         match v {
             Value::String(s) => {
                 if s.len() > MAX_TEXT {
                     self.err(path, format!("longer than {MAX_TEXT} bytes"));
                     None
-                } else if s.chars().any(|c| c.is_control() && c != '\t') {
+                } else if s
+                    .chars()
+                    .any(|c| c.is_control() && c != '\t' && !(lines && c == '\n'))
+                {
                     self.err(path, "contains control characters");
                     None
                 } else {
@@ -1423,7 +1449,8 @@ impl Walk {
         let mut names: BTreeMap<String, usize> = BTreeMap::new();
         for (i, item) in items.iter().enumerate() {
             let p = format!("{path}[{i}]");
-            let Some(cf) = self.fields(&p, item, &["name", "http", "latency", "smoke"]) else {
+            let allowed: Vec<&str> = std::iter::once("name").chain(CHECK_KINDS).collect();
+            let Some(cf) = self.fields(&p, item, &allowed) else {
                 continue;
             };
             let name = match cf.get("name") {
@@ -1439,13 +1466,16 @@ impl Walk {
                     }
                 }),
             };
-            let kinds: Vec<&str> = ["http", "latency", "smoke"]
+            let kinds: Vec<&str> = CHECK_KINDS
                 .into_iter()
                 .filter(|k| cf.get(k).is_some())
                 .collect();
             let kind = match kinds.as_slice() {
                 [] => {
-                    self.err(&p, "needs one of http, latency or smoke");
+                    self.err(
+                        &p,
+                        "needs one of http, latency, smoke, prometheus or webhook",
+                    );
                     None
                 }
                 [_] => {
@@ -1455,6 +1485,10 @@ impl Walk {
                         self.latency(&kp, kv).map(check::Kind::Latency)
                     } else if let Some((kp, kv)) = cf.get("smoke") {
                         self.smoke(&kp, kv).map(check::Kind::Smoke)
+                    } else if let Some((kp, kv)) = cf.get("prometheus") {
+                        self.prometheus(&kp, kv).map(check::Kind::Prometheus)
+                    } else if let Some((kp, kv)) = cf.get("webhook") {
+                        self.webhook(&kp, kv).map(check::Kind::Webhook)
                     } else {
                         None
                     }
@@ -1649,6 +1683,156 @@ impl Walk {
                 .unwrap_or(0),
         };
         (self.problems.len() == before).then_some(check)
+    }
+
+    fn prometheus(&mut self, path: &str, v: &Value) -> Option<PrometheusCheck> {
+        let before = self.problems.len();
+        let f = self.fields(path, v, &[&["address", "query"], JUDGEMENT_FIELDS].concat())?;
+        let address = match f.get("address") {
+            None => {
+                self.err(
+                    join(path, "address"),
+                    "required: the Prometheus server's URL, such as http://prometheus:9090",
+                );
+                None
+            }
+            Some((p, v)) => self.url(&p, v),
+        };
+        let query = match f.get("query") {
+            None => {
+                self.err(join(path, "query"), "required: the PromQL query to judge");
+                None
+            }
+            Some((p, v)) => self.lines(&p, v).and_then(|q| {
+                let problem = if q.trim().is_empty() {
+                    Some("is empty".to_owned())
+                } else if q.len() > metric::MAX_QUERY_BYTES {
+                    Some(format!("is longer than {} bytes", metric::MAX_QUERY_BYTES))
+                } else {
+                    metric::template_variables(&q).err()
+                };
+                match problem {
+                    None => Some(q),
+                    Some(e) => {
+                        self.err(&p, e);
+                        None
+                    }
+                }
+            }),
+        };
+        let judgement = self.judgement(path, &f);
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(PrometheusCheck {
+            address: address?,
+            query: query?,
+            judgement,
+        })
+    }
+
+    fn webhook(&mut self, path: &str, v: &Value) -> Option<WebhookCheck> {
+        let before = self.problems.len();
+        let f = self.fields(path, v, &[&["url", "field"], JUDGEMENT_FIELDS].concat())?;
+        let url = match f.get("url") {
+            None => {
+                self.err(
+                    join(path, "url"),
+                    "required: where the release's context is POSTed",
+                );
+                None
+            }
+            Some((p, v)) => self.url(&p, v).filter(|u| !u.is_empty()),
+        };
+        let field = match f.get("field") {
+            None => {
+                self.err(
+                    join(path, "field"),
+                    "required: the answer's JSON field to judge, such as result.score",
+                );
+                None
+            }
+            Some((p, v)) => self
+                .string(&p, v)
+                .and_then(|s| match metric::field_path(&s) {
+                    Ok(_) => Some(s),
+                    Err(e) => {
+                        self.err(&p, e);
+                        None
+                    }
+                }),
+        };
+        let judgement = self.judgement(path, &f);
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(WebhookCheck {
+            url: url?,
+            field: field?,
+            judgement,
+        })
+    }
+
+    /// The condition, aggregate, error handling and timeout of a metric check.
+    fn judgement(&mut self, path: &str, f: &Fields<'_>) -> Option<MetricJudgement> {
+        let condition = match f.get("condition") {
+            None => {
+                self.err(
+                    join(path, "condition"),
+                    "required: what the value must meet, such as \"result < 0.01\"",
+                );
+                None
+            }
+            Some((p, v)) => self
+                .string(&p, v)
+                .and_then(|c| match metric::Condition::parse(&c) {
+                    Ok(parsed) => Some(parsed.to_string()),
+                    Err(e) => {
+                        self.err(&p, e);
+                        None
+                    }
+                }),
+        };
+        let aggregate = f.get("aggregate").and_then(|(p, v)| {
+            self.string(&p, v)
+                .and_then(|a| match metric::Aggregate::parse(&a) {
+                    Ok(parsed) => Some(parsed),
+                    Err(e) => {
+                        self.err(&p, e);
+                        None
+                    }
+                })
+        });
+        let error_limit = f
+            .get("error_limit")
+            .and_then(|(p, v)| self.uint(&p, v, 0, metric::MAX_ERROR_LIMIT))
+            .unwrap_or(metric::DEFAULT_ERROR_LIMIT);
+        let inconclusive_on_error = match f.get("on_error") {
+            None => false,
+            Some((p, v)) => match self.string(&p, v).as_deref() {
+                Some("fail") => false,
+                Some("inconclusive") => true,
+                Some(other) => {
+                    self.err(&p, format!("{other:?} is not fail or inconclusive"));
+                    false
+                }
+                None => false,
+            },
+        };
+        let timeout_ms = f
+            .get("timeout")
+            .and_then(|(p, v)| self.millis(&p, v, 1, millis_of(MAX_REQUEST_TIMEOUT)))
+            .unwrap_or(DEFAULT_METRIC_TIMEOUT_MS);
+        Some(MetricJudgement {
+            condition: condition?,
+            aggregate: match aggregate.unwrap_or_default() {
+                metric::Aggregate::Each => String::new(),
+                other => other.name().to_owned(),
+            },
+            error_limit,
+            inconclusive_on_error,
+            timeout_ms,
+        })
     }
 
     fn smoke(&mut self, path: &str, v: &Value) -> Option<SmokeCheck> {

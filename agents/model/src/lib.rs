@@ -16,6 +16,7 @@ pub mod fold;
 mod fold_tests;
 pub mod ids;
 pub mod limits;
+pub mod metric;
 pub mod names;
 pub mod subject;
 pub mod testing;

@@ -120,7 +120,7 @@ pub fn release_spec(spec: &ReleaseSpec) -> Result<(), String> {
 fn check(c: &Check) -> Result<(), String> {
     text("name", &c.name)?;
     match &c.kind {
-        None => Err("check has no kind (http, latency or smoke)".into()),
+        None => Err("check has no kind (http, latency, smoke, prometheus or webhook)".into()),
         Some(check::Kind::Http(h)) => {
             path(&h.path)?;
             if h.expect_status != 0 && !(100..=599).contains(&h.expect_status) {
@@ -161,7 +161,54 @@ fn check(c: &Check) -> Result<(), String> {
             }
             s.argv.iter().try_for_each(|a| text("argv", a))
         }
+        Some(check::Kind::Prometheus(p)) => {
+            http_url("address", &p.address)?;
+            if p.query.trim().is_empty() {
+                return Err("prometheus check needs a query".into());
+            }
+            if p.query.len() > crate::metric::MAX_QUERY_BYTES {
+                return Err(format!(
+                    "query is longer than {} bytes",
+                    crate::metric::MAX_QUERY_BYTES
+                ));
+            }
+            crate::metric::template_variables(&p.query).map_err(|e| format!("query {e}"))?;
+            judgement(p.judgement.as_ref())
+        }
+        Some(check::Kind::Webhook(w)) => {
+            http_url("url", &w.url)?;
+            crate::metric::field_path(&w.field).map_err(|e| format!("field {e}"))?;
+            judgement(w.judgement.as_ref())
+        }
     }
+}
+
+fn http_url(field: &str, url: &str) -> Result<(), String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("{field} {url:?} is not an http(s) URL"));
+    }
+    text(field, url)
+}
+
+fn judgement(j: Option<&baton_proto::v1::MetricJudgement>) -> Result<(), String> {
+    let j = j.ok_or("a metric check needs a judgement (its condition)")?;
+    crate::metric::Condition::parse(&j.condition).map_err(|e| format!("condition: {e}"))?;
+    crate::metric::Aggregate::parse(&j.aggregate).map_err(|e| format!("aggregate: {e}"))?;
+    if j.error_limit > crate::metric::MAX_ERROR_LIMIT {
+        return Err(format!(
+            "error_limit {} is more than {}",
+            j.error_limit,
+            crate::metric::MAX_ERROR_LIMIT
+        ));
+    }
+    let max_ms = crate::limits::MAX_REQUEST_TIMEOUT.as_millis();
+    if u128::from(j.timeout_ms) > max_ms {
+        return Err(format!(
+            "timeout {} ms is more than {max_ms} ms",
+            j.timeout_ms
+        ));
+    }
+    Ok(())
 }
 
 /// A step's share of the traffic: 0 for a step that takes none (blue-green's preview).

@@ -17,6 +17,7 @@ mod garbage;
 mod gateway;
 mod health;
 mod install;
+mod metric;
 mod metrics;
 mod release;
 mod replicated;
@@ -52,6 +53,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(install::trials());
     trials.extend(watch::trials());
     trials.extend(gateway::trials());
+    trials.extend(metric::trials());
     run(trials)
 }
 

@@ -605,7 +605,20 @@ fn every_validation_rule_names_its_field() {
         (app_field("checks: [{http: {}}]"), "apps.web.checks[0].name", "required"),
         (app_field("checks: [{name: \"a b\", http: {}}]"), "apps.web.checks[0].name", "not a check name"),
         (app_field("checks: [{name: a, http: {}}, {name: a, http: {}}]"), "apps.web.checks[1].name", "already the name of apps.web.checks[0]"),
-        (app_field("checks: [{name: a}]"), "apps.web.checks[0]", "needs one of http, latency or smoke"),
+        (app_field("checks: [{name: a}]"), "apps.web.checks[0]", "needs one of http, latency, smoke, prometheus or webhook"),
+        (app_field("checks: [{name: a, prometheus: {query: up, condition: \"< 1\"}}]"), "apps.web.checks[0].prometheus.address", "required"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", condition: \"< 1\"}}]"), "apps.web.checks[0].prometheus.query", "required"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: \"x{{secret}}\", condition: \"< 1\"}}]"), "apps.web.checks[0].prometheus.query", "not a variable"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://u:pw@p:9090\", query: up, condition: \"< 1\"}}]"), "apps.web.checks[0].prometheus.address", "credentials"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: up}}]"), "apps.web.checks[0].prometheus.condition", "required"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: up, condition: \"result ~ 1\"}}]"), "apps.web.checks[0].prometheus.condition", "is not a condition"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: up, condition: \"< 1\", aggregate: median}}]"), "apps.web.checks[0].prometheus.aggregate", "not one of each, sum"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: up, condition: \"< 1\", error_limit: 101}}]"), "apps.web.checks[0].prometheus.error_limit", "from 0 to 100"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: up, condition: \"< 1\", on_error: pause}}]"), "apps.web.checks[0].prometheus.on_error", "not fail or inconclusive"),
+        (app_field("checks: [{name: a, prometheus: {address: \"http://p:9090\", query: up, condition: \"< 1\", timeout: 2m}}]"), "apps.web.checks[0].prometheus.timeout", "1m"),
+        (app_field("checks: [{name: a, webhook: {url: \"http://j:80\", condition: \"< 1\"}}]"), "apps.web.checks[0].webhook.field", "required"),
+        (app_field("checks: [{name: a, webhook: {url: \"http://j:80\", field: \"a..b\", condition: \"< 1\"}}]"), "apps.web.checks[0].webhook.field", "dotted path"),
+        (app_field("checks: [{name: a, webhook: {field: ok, condition: \"== 1\"}}]"), "apps.web.checks[0].webhook.url", "required"),
         (app_field("checks: [{name: a, http: {}, smoke: {argv: [x]}}]"), "apps.web.checks[0]", "exactly one kind"),
         (app_field("checks: [{name: a, http: {path: health}}]"), "apps.web.checks[0].http.path", "must start with '/'"),
         (app_field("checks: [{name: a, http: {expect_status: 99}}]"), "apps.web.checks[0].http.expect_status", "from 100 to 599"),
@@ -1360,4 +1373,61 @@ fn a_request_may_choose_its_canarys_steps_but_not_their_analysis() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("only a canary release has steps"), "{err}");
+}
+
+#[test]
+fn metric_checks_resolve_with_their_judgement() {
+    let text = app_field(
+        r#"checks:
+  - name: error-rate
+    prometheus:
+      address: http://prometheus.monitoring:9090
+      query: sum(rate(http_requests_total{code="500",pod=~"{{pods}}"}[{{window}}]))
+      condition: "result<0.01"
+      aggregate: max
+      on_error: inconclusive
+  - name: score
+    webhook:
+      url: https://judge.example.com/score
+      field: result.score
+      condition: ">= 0.9"
+      error_limit: 0
+      timeout: 2s"#,
+    );
+    let config = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    let spec = config.resolve("web", "staging", &image()).unwrap();
+    assert_eq!(
+        spec.checks[0].kind,
+        Some(check::Kind::Prometheus(PrometheusCheck {
+            address: "http://prometheus.monitoring:9090".into(),
+            query: r#"sum(rate(http_requests_total{code="500",pod=~"{{pods}}"}[{{window}}]))"#
+                .into(),
+            judgement: Some(MetricJudgement {
+                condition: "result < 0.01".into(),
+                aggregate: "max".into(),
+                error_limit: 4,
+                inconclusive_on_error: true,
+                timeout_ms: 5000,
+            }),
+        }))
+    );
+    assert_eq!(
+        spec.checks[1].kind,
+        Some(check::Kind::Webhook(WebhookCheck {
+            url: "https://judge.example.com/score".into(),
+            field: "result.score".into(),
+            judgement: Some(MetricJudgement {
+                condition: "result >= 0.9".into(),
+                aggregate: String::new(),
+                error_limit: 0,
+                inconclusive_on_error: false,
+                timeout_ms: 2000,
+            }),
+        }))
+    );
+    assert!(crate::validate::release_spec(&spec).is_ok());
+    // A spec re-resolved from the same configuration verifies.
+    let config = config.with_revision(3);
+    let spec = config.resolve("web", "staging", &image()).unwrap();
+    assert!(config.verify(&spec).is_ok());
 }

@@ -1,0 +1,332 @@
+//! Metric analysis against a real Prometheus (Debian's `prometheus`), which scrapes the simulated
+//! pods' `/metrics` every second; it finds them by file-based discovery, kept up to date from a
+//! watch of the test's namespace (Debian builds Prometheus without Kubernetes discovery). The health-checker's latency check drives the traffic that moves the
+//! counters; the canary is judged by its error rate as Prometheus computes it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use baton_core::event::EventType;
+use baton_proto::v1::{envelope::Payload, Measurement};
+use baton_sandbox::PrometheusServer;
+use baton_tests::harness::trial;
+use baton_tests::release::{Baton, PORT};
+use libtest_mimic::Trial;
+
+pub fn trials() -> Vec<Trial> {
+    crate::trials![
+        a_healthy_canary_is_promoted_on_its_error_rate,
+        a_canary_failing_a_share_of_requests_is_rolled_back_on_its_error_rate_while_its_health_checks_pass,
+        prometheus_stopped_mid_analysis_fails_the_step_as_configured,
+        a_webhook_is_sent_the_release_and_its_answer_decides_the_step,
+    ]
+}
+
+const END: Duration = Duration::from_secs(240);
+
+/// The share of the canary's requests answered 500, over the window.
+const ERROR_RATE: &str = r#"sum(rate(http_requests_total{namespace="{{namespace}}",pod=~"{{pods}}",code="500"}[{{window}}])) / sum(rate(http_requests_total{namespace="{{namespace}}",pod=~"{{pods}}"}[{{window}}]))"#;
+
+/// A Baton whose app `web` is a canary judged by its health, a latency check that
+/// drives traffic (and tolerates any error share), and the error rate from `prometheus`.
+async fn start(
+    prefix: &str,
+    analysis_seconds: u32,
+    error_limit: u32,
+) -> Result<(Baton, PrometheusServer)> {
+    let baton = Baton::start(prefix).await?;
+    let ns = baton.ns.name.clone();
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let prometheus = PrometheusServer::start(
+        &baton.bus.sandbox.dir().join("prometheus"),
+        baton.cluster.client().await?,
+        &[&ns],
+        u16::try_from(PORT)?,
+        &http,
+    )
+    .await?;
+    let address = prometheus.url();
+    baton
+        .apply_config(&canary_config(
+            &ns,
+            &format!("{{duration: {analysis_seconds}s, interval: 2s, failure_limit: 0}}"),
+            &format!(
+                r#"  - name: health
+    http: {{path: /health, retries: 10, interval: 100ms}}
+  - name: traffic
+    latency: {{path: /health, requests: 40, threshold: 1s, max_error_rate: 1}}
+  - name: error-rate
+    prometheus:
+      address: {address}
+      query: '{ERROR_RATE}'
+      condition: result < 0.1
+      error_limit: {error_limit}"#
+            ),
+        ))
+        .await?;
+    Ok((baton, prometheus))
+}
+
+/// App `web` as a two-step canary (50%, then all) with `analysis` and `checks` (YAML list items).
+fn canary_config(ns: &str, analysis: &str, checks: &str) -> String {
+    let cluster = baton_tests::CLUSTER;
+    let checks: String = checks.lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        r#"environments:
+  test:
+    cluster: {cluster}
+    namespace: {ns}
+apps:
+  web:
+    container: app
+    port: {PORT}
+    rolling: {{max_surge: "1", max_unavailable: "0"}}
+    step_timeout: 90s
+    strategy: canary
+    canary: {{steps: [{{weight: 50}}, {{weight: 100}}]}}
+    analysis: {analysis}
+    checks:
+{checks}"#
+    )
+}
+
+/// The measurements of the release's analysis verdicts.
+fn measurements(events: &[baton_core::event::Event]) -> Vec<Measurement> {
+    events
+        .iter()
+        .filter_map(|e| match e.payload() {
+            Some(Payload::AnalysisPassed(p)) => Some(p.measurements.clone()),
+            Some(Payload::AnalysisFailed(f)) => Some(f.measurements.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Releases `web` at a new image of `tag` whose `/health` behaves as `health`, and waits until it
+/// ends as `expected`; its events and the reason its analysis failed (if it did).
+async fn release_ending(
+    baton: &Baton,
+    tag: &str,
+    health: &str,
+    expected: EventType,
+) -> Result<(String, Vec<baton_core::event::Event>, String)> {
+    let (image, _) = baton.push(tag, &[("BATON_SIM_HEALTH", health)]).await?;
+    let rid = baton.release_of("web", &image, &[]).await?;
+    let events = baton.wait_for_end(rid, END).await?;
+    let last = events.last().map(|e| e.event_type);
+    let reason = reason_of(&events);
+    ensure!(
+        last == Some(expected),
+        "the release ended with {last:?}, not {expected}: {reason}"
+    );
+    Ok((image, events, reason))
+}
+
+fn reason_of(events: &[baton_core::event::Event]) -> String {
+    events
+        .iter()
+        .find_map(|e| match e.payload() {
+            Some(Payload::AnalysisFailed(f)) => Some(f.reason.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+async fn a_healthy_canary_is_promoted_on_its_error_rate() -> Result<()> {
+    let (baton, prometheus) = start("prom-ok", 30, 10).await?;
+    let (_, events, _) = release_ending(&baton, "v2", "ok", EventType::ReleaseSucceeded).await?;
+    // The error rate was measured — values, not only tolerated errors — and met the condition.
+    let judged: Vec<Measurement> = measurements(&events)
+        .into_iter()
+        .filter(|m| m.check == "error-rate" && m.unit == "value")
+        .collect();
+    ensure!(
+        !judged.is_empty() && judged.iter().all(|m| m.ok && m.value < 0.1),
+        "the error rate's measurements: {judged:?}"
+    );
+    prometheus.stop().await?;
+    Ok(())
+}
+
+async fn a_canary_failing_a_share_of_requests_is_rolled_back_on_its_error_rate_while_its_health_checks_pass(
+) -> Result<()> {
+    let (baton, prometheus) = start("prom-flaky", 30, 10).await?;
+    let before = baton.deployed_image().await?;
+    let (_, events, reason) =
+        release_ending(&baton, "v2", "flaky:0.3", EventType::ReleaseRolledBack).await?;
+    ensure!(
+        reason.contains("check error-rate") && reason.contains("must be result < 0.1"),
+        "the analysis failed for another reason: {reason}"
+    );
+    // The pods' own checks passed: only the metric said no (besides the rounds' summary).
+    let all = measurements(&events);
+    let failing: Vec<&Measurement> = all
+        .iter()
+        .filter(|m| !m.ok && m.check != "analysis")
+        .collect();
+    ensure!(
+        !failing.is_empty() && failing.iter().all(|m| m.check == "error-rate"),
+        "failing measurements: {failing:?}"
+    );
+    ensure!(
+        all.iter().any(|m| m.check == "health" && m.ok)
+            && all.iter().any(|m| m.check == "pod-health" && m.ok),
+        "the health checks did not pass: {all:?}"
+    );
+    ensure!(
+        baton.deployed_image().await? == before,
+        "the stable Deployment is not back to its image"
+    );
+    prometheus.stop().await?;
+    Ok(())
+}
+
+async fn prometheus_stopped_mid_analysis_fails_the_step_as_configured() -> Result<()> {
+    // Up to 8 rounds without data are tolerated while Prometheus finds the canary; once it is
+    // gone, 9 errors in a row fail the step (the analysis' 31 rounds leave room for both).
+    let (baton, mut prometheus) = start("prom-down", 60, 8).await?;
+    let (image, _) = baton.push("v2", &[("BATON_SIM_HEALTH", "ok")]).await?;
+    let rid = baton.release_of("web", &image, &[]).await?;
+    baton
+        .wait_for_event(rid, EventType::AnalysisStarted, END)
+        .await?;
+    // Prometheus has the canary's error rate (the analysis reads it too), then it dies.
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let query = ERROR_RATE
+        .replace("{{namespace}}", &baton.ns.name)
+        .replace("{{pods}}", "web-canary-.*")
+        .replace("{{window}}", "10s");
+    let mut url = reqwest::Url::parse(&format!("{}/api/v1/query", prometheus.url()))?;
+    url.query_pairs_mut().append_pair("query", &query);
+    baton_tests::eventually("the canary's error rate in Prometheus", END, || {
+        let request = http.get(url.clone()).send();
+        async move {
+            let answer: serde_json::Value = request.await?.json().await?;
+            let value = answer["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok());
+            Ok(value.filter(|v| v.is_finite()).map(|_| ()))
+        }
+    })
+    .await?;
+    prometheus.kill9().await?;
+    let events = baton.wait_for_end(rid, END).await?;
+    let last = events.last().map(|e| e.event_type);
+    ensure!(
+        last == Some(EventType::ReleaseRolledBack),
+        "the release ended with {last:?}"
+    );
+    let reason = reason_of(&events);
+    ensure!(
+        reason.contains("check error-rate")
+            && reason.contains("errors in a row, more than the limit of 8")
+            && reason.contains("cannot connect"),
+        "the analysis failed for another reason: {reason}"
+    );
+    Ok(())
+}
+
+/// A judge: answers every POST with `{"result": {"score": <score>}}` and keeps the bodies.
+struct Judge {
+    url: String,
+    score: Arc<Mutex<f64>>,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Judge {
+    async fn start() -> Result<Judge> {
+        let score = Arc::new(Mutex::new(1.0));
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let (s, b) = (score.clone(), bodies.clone());
+        let app = axum::Router::new().route(
+            "/judge",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (s, b) = (s.clone(), b.clone());
+                async move {
+                    let parsed = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                    b.lock().unwrap_or_else(|p| p.into_inner()).push(parsed);
+                    let score = *s.lock().unwrap_or_else(|p| p.into_inner());
+                    (
+                        [("content-type", "application/json")],
+                        serde_json::json!({ "result": { "score": score } }).to_string(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/judge", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Judge {
+            url,
+            score,
+            bodies,
+            server,
+        })
+    }
+
+    fn set_score(&self, score: f64) {
+        *self.score.lock().unwrap_or_else(|p| p.into_inner()) = score;
+    }
+
+    fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Judge {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn a_webhook_is_sent_the_release_and_its_answer_decides_the_step() -> Result<()> {
+    let baton = Baton::start("webhook").await?;
+    let judge = Judge::start().await?;
+    let ns = baton.ns.name.clone();
+    baton
+        .apply_config(&canary_config(
+            &ns,
+            "{duration: 2s, interval: 1s, failure_limit: 0}",
+            &format!(
+                "- name: judge\n  webhook: {{url: \"{}\", field: result.score, condition: \">= 0.9\", error_limit: 0}}",
+                judge.url
+            ),
+        ))
+        .await?;
+    // Accepted: the judge's score meets the condition.
+    let (image, events, _) =
+        release_ending(&baton, "v2", "ok", EventType::ReleaseSucceeded).await?;
+    let rid = events.first().context("no events")?.release_id;
+    let bodies = judge.bodies();
+    let first = bodies.first().context("the judge was never asked")?;
+    ensure!(
+        first["release_id"] == rid.to_string()
+            && first["app"] == "web"
+            && first["env"] == "test"
+            && first["namespace"] == ns.as_str()
+            && first["track"] == "canary"
+            && first["strategy"] == "canary"
+            && first["check"] == "judge"
+            && first["image"] == image.as_str()
+            && first["pods"][0]["name"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("web-canary-")),
+        "the judge was sent {first:#}"
+    );
+    // Refused: the same judge now scores 0.2, and the next release is rolled back on it.
+    judge.set_score(0.2);
+    let (_, _, reason) = release_ending(&baton, "v3", "ok", EventType::ReleaseRolledBack).await?;
+    ensure!(
+        reason.contains("check judge") && reason.contains("0.2 < 0.9"),
+        "the analysis failed for another reason: {reason}"
+    );
+    Ok(())
+}
