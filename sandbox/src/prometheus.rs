@@ -116,10 +116,6 @@ impl PrometheusServer {
         &self.url
     }
 
-    pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
     /// Kills it at once (kill -9), as a crash would.
     pub async fn kill9(&mut self) -> Result<()> {
         self.discovery.0.abort();

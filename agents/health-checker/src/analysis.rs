@@ -448,7 +448,7 @@ pub fn plan(spec: &ReleaseSpec) -> Result<Plan, String> {
                 if p.query.trim().is_empty() {
                     return Err(format!("{field}: a prometheus check needs a query"));
                 }
-                baton_core::metric::template_variables(&p.query)
+                baton_core::metric::check_query(&p.query)
                     .map_err(|e| format!("{field}: query {e}"))?;
                 let source = MetricSource::Prometheus {
                     address: p.address.trim_end_matches('/').to_owned(),

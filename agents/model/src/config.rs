@@ -1703,22 +1703,15 @@ impl Walk {
                 self.err(join(path, "query"), "required: the PromQL query to judge");
                 None
             }
-            Some((p, v)) => self.lines(&p, v).and_then(|q| {
-                let problem = if q.trim().is_empty() {
-                    Some("is empty".to_owned())
-                } else if q.len() > metric::MAX_QUERY_BYTES {
-                    Some(format!("is longer than {} bytes", metric::MAX_QUERY_BYTES))
-                } else {
-                    metric::template_variables(&q).err()
-                };
-                match problem {
-                    None => Some(q),
-                    Some(e) => {
+            Some((p, v)) => self
+                .lines(&p, v)
+                .and_then(|q| match metric::check_query(&q) {
+                    Ok(()) => Some(q),
+                    Err(e) => {
                         self.err(&p, e);
                         None
                     }
-                }
-            }),
+                }),
         };
         let judgement = self.judgement(path, &f);
         if self.problems.len() != before {

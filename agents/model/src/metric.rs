@@ -181,6 +181,18 @@ impl Aggregate {
     }
 }
 
+/// Refuses a query that can't be sent: empty, longer than [`MAX_QUERY_BYTES`], or naming a
+/// variable that isn't one of [`VARIABLES`].
+pub fn check_query(query: &str) -> Result<(), String> {
+    if query.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    if query.len() > MAX_QUERY_BYTES {
+        return Err(format!("is longer than {MAX_QUERY_BYTES} bytes"));
+    }
+    template_variables(query).map(|_| ())
+}
+
 /// The `{{name}}`s of a template, refused when one is not a [`VARIABLES`] name or a brace is
 /// left open.
 pub fn template_variables(template: &str) -> Result<Vec<&str>, String> {

@@ -163,16 +163,7 @@ fn check(c: &Check) -> Result<(), String> {
         }
         Some(check::Kind::Prometheus(p)) => {
             http_url("address", &p.address)?;
-            if p.query.trim().is_empty() {
-                return Err("prometheus check needs a query".into());
-            }
-            if p.query.len() > crate::metric::MAX_QUERY_BYTES {
-                return Err(format!(
-                    "query is longer than {} bytes",
-                    crate::metric::MAX_QUERY_BYTES
-                ));
-            }
-            crate::metric::template_variables(&p.query).map_err(|e| format!("query {e}"))?;
+            crate::metric::check_query(&p.query).map_err(|e| format!("query {e}"))?;
             judgement(p.judgement.as_ref())
         }
         Some(check::Kind::Webhook(w)) => {
@@ -352,8 +343,53 @@ mod tests {
                 ..Default::default()
             })),
         };
+        let metric = |condition: &str| {
+            Some(baton_proto::v1::MetricJudgement {
+                condition: condition.into(),
+                ..Default::default()
+            })
+        };
+        let prometheus = |address: &str, query: &str, condition: &str| Check {
+            name: "rate".into(),
+            kind: Some(check::Kind::Prometheus(baton_proto::v1::PrometheusCheck {
+                address: address.into(),
+                query: query.into(),
+                judgement: metric(condition),
+            })),
+        };
+        let webhook = |field: &str, judgement| Check {
+            name: "judge".into(),
+            kind: Some(check::Kind::Webhook(baton_proto::v1::WebhookCheck {
+                url: "http://judge:80".into(),
+                field: field.into(),
+                judgement,
+            })),
+        };
         let cases = [
             (vec![http("a", ""), latency(100)], None),
+            (
+                vec![prometheus("http://p:9090", "up{pod=~\"{{pods}}\"}", "< 1")],
+                None,
+            ),
+            (vec![webhook("result.score", metric(">= 0.9"))], None),
+            (
+                vec![prometheus("p:9090", "up", "< 1")],
+                Some("not an http(s) URL"),
+            ),
+            (
+                vec![prometheus("http://p:9090", " ", "< 1")],
+                Some("query is empty"),
+            ),
+            (
+                vec![prometheus("http://p:9090", "{{token}}", "< 1")],
+                Some("not a variable"),
+            ),
+            (
+                vec![prometheus("http://p:9090", "up", "about 1")],
+                Some("condition"),
+            ),
+            (vec![webhook("a..b", metric("< 1"))], Some("field")),
+            (vec![webhook("ok", None)], Some("needs a judgement")),
             (vec![http("a", ""), http("a", "")], Some("used twice")),
             (vec![latency(0)], Some("needs a threshold")),
             (vec![http("a", "ftp://x")], Some("not an http(s) URL")),
