@@ -29,9 +29,13 @@ pub const DLQ: &str = "BATON_DLQ";
 pub const CONFIG_BUCKET: &str = "BATON_CONFIG";
 pub const LOCKS_BUCKET: &str = "BATON_LOCKS";
 pub const LOGS_BUCKET: &str = "BATON_LOGS";
+/// The notifier's outbox, and the durable consumer that sends what is in it (created by the
+/// notifier itself: it is not an event consumer of the shared runtime).
+pub const NOTIFY: &str = "BATON_NOTIFY";
+pub const NOTIFY_DURABLE: &str = "notifier-deliveries";
 
 /// Every NATS user of Baton, in the order the configuration lists them.
-pub const USERS: [&str; 8] = [
+pub const USERS: [&str; 9] = [
     "admin",
     "cli",
     "config",
@@ -40,6 +44,7 @@ pub const USERS: [&str; 8] = [
     "health-checker",
     "rollback",
     "metrics",
+    "notifier",
 ];
 
 /// The inbox prefix of a user: replies to its requests arrive under `<prefix>.>`.
@@ -70,6 +75,7 @@ const JS_DENY: &[&str] = &[
     "$JS.API.STREAM.DELETE.>",
     "$JS.API.STREAM.PURGE.BATON_EVENTS",
     "$JS.API.STREAM.PURGE.BATON_DLQ",
+    "$JS.API.STREAM.PURGE.BATON_NOTIFY",
     "$JS.API.STREAM.PURGE.KV_BATON_CONFIG",
     "$JS.API.STREAM.PURGE.KV_BATON_LOCKS",
     "$JS.API.STREAM.MSG.DELETE.>",
@@ -79,6 +85,7 @@ const JS_DENY: &[&str] = &[
     "$JS.API.STREAM.PEER.REMOVE.>",
     "$JS.API.CONSUMER.DELETE.BATON_EVENTS.>",
     "$JS.API.CONSUMER.DELETE.BATON_DLQ.>",
+    "$JS.API.CONSUMER.DELETE.BATON_NOTIFY.>",
     "$JS.API.CONSUMER.LEADER.STEPDOWN.>",
     "$JS.API.META.>",
     "$JS.API.SERVER.>",
@@ -209,6 +216,12 @@ pub fn permissions(defs: &Definitions, clusters: &[String], user: &str) -> Optio
                 p.subscribe_allow.push(subject::api(">"));
                 p.allow_responses = true;
             }
+            Role::Notifier => {
+                kv_read(allow, CONFIG_BUCKET);
+                allow.push(subject::all_notifications());
+                allow.push(format!("$JS.API.STREAM.INFO.{NOTIFY}"));
+                allow.extend(durable_subjects(NOTIFY, NOTIFY_DURABLE));
+            }
             Role::Cli => {}
         }
     }
@@ -216,6 +229,10 @@ pub fn permissions(defs: &Definitions, clusters: &[String], user: &str) -> Optio
     for c in consumers.iter().filter(|c| Some(c.agent) != role) {
         p.publish_deny
             .extend(durable_subjects(&c.stream, &c.durable));
+    }
+    if role != Some(Role::Notifier) {
+        p.publish_deny
+            .extend(durable_subjects(NOTIFY, NOTIFY_DURABLE));
     }
     p.publish_deny.extend(JS_DENY.iter().map(|s| s.to_string()));
     dedup(&mut p.publish_allow);
@@ -353,6 +370,47 @@ mod tests {
         assert!(!writes("config", "baton.v1.events."), "config may release");
         assert!(writes("cli", "baton.v1.events.*.*.*.release.requested"));
         assert!(!writes("metrics", "$JS.API.DIRECT.GET.KV_BATON_CONFIG"));
+    }
+
+    #[test]
+    fn only_the_notifier_fills_and_drains_the_outbox() {
+        let n = perms("notifier");
+        assert!(n.publish_allow.contains(&"baton.v1.notify.>".to_string()));
+        assert!(n
+            .publish_allow
+            .contains(&"$JS.ACK.BATON_NOTIFY.notifier-deliveries.>".to_string()));
+        assert!(n
+            .publish_allow
+            .contains(&"$JS.API.DIRECT.GET.KV_BATON_CONFIG".to_string()));
+        assert!(
+            !n.publish_allow
+                .iter()
+                .any(|s| s.starts_with("baton.v1.events.")),
+            "the notifier publishes no event"
+        );
+        for user in [
+            "cli",
+            "config",
+            "builder",
+            "deployer",
+            "health-checker",
+            "rollback",
+            "metrics",
+        ] {
+            let p = perms(user);
+            assert!(
+                !p.publish_allow
+                    .iter()
+                    .any(|s| s.starts_with("baton.v1.notify")),
+                "{user} may write notifications"
+            );
+            assert!(
+                p.publish_deny.contains(
+                    &"$JS.API.CONSUMER.MSG.NEXT.BATON_NOTIFY.notifier-deliveries".to_string()
+                ),
+                "{user} may take the notifier's deliveries"
+            );
+        }
     }
 
     #[test]

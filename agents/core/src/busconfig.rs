@@ -29,6 +29,14 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../../bus-config/streams/BATON_DLQ.json"),
     ),
     (
+        "streams/BATON_NOTIFY.json",
+        include_str!("../../../bus-config/streams/BATON_NOTIFY.json"),
+    ),
+    (
+        "consumers/notifier.json",
+        include_str!("../../../bus-config/consumers/notifier.json"),
+    ),
+    (
         "consumers/defaults.json",
         include_str!("../../../bus-config/consumers/defaults.json"),
     ),

@@ -9,7 +9,8 @@
 
 pub use baton_kube::{bluegreen, rollout, workload};
 pub use baton_model::{
-    control, deadline, event, fold, ids, limits, metric, names, subject, testing, time, validate,
+    control, deadline, event, fold, ids, limits, metric, names, notify, subject, testing, time,
+    validate,
 };
 pub use baton_model::{
     AppName, EnvName, Event, EventKey, EventType, ReleaseId, ReleaseState, Role, Status,

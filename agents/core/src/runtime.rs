@@ -827,6 +827,46 @@ async fn dead_letter(
     reason: &str,
     delivered: i64,
 ) -> bool {
+    let dlq = DeadLetters {
+        role: ctx.role,
+        bus: &ctx.bus,
+        metrics: &ctx.metrics,
+    };
+    dlq.send(durable, message, kind, reason, delivered).await
+}
+
+/// Where an agent's dead letters go: for parts of an agent that consume outside the event
+/// runtime (the notifier's outbox).
+pub struct DeadLetters<'a> {
+    pub role: Role,
+    pub bus: &'a Bus,
+    pub metrics: &'a Metrics,
+}
+
+impl DeadLetters<'_> {
+    /// Publishes `message` to the agent's dead-letter subject with the reason (and `kind`: why,
+    /// in a word), then terminates it. If the dead letter cannot be stored, the original is
+    /// nak'ed instead, so it is never lost. True when the dead letter is stored.
+    pub async fn send(
+        &self,
+        durable: &str,
+        message: &jetstream::Message,
+        kind: &str,
+        reason: &str,
+        delivered: i64,
+    ) -> bool {
+        dead_letter_to(self, durable, message, kind, reason, delivered).await
+    }
+}
+
+async fn dead_letter_to(
+    ctx: &DeadLetters<'_>,
+    durable: &str,
+    message: &jetstream::Message,
+    kind: &str,
+    reason: &str,
+    delivered: i64,
+) -> bool {
     let info = message.info().ok();
     let (stream, sequence) = info
         .as_ref()

@@ -34,6 +34,7 @@ use crate::limits::{
 };
 use crate::metric;
 use crate::names::{validate_dns_label, NameError};
+use crate::notify::{Channel, ChannelKind, Notifications, Route, Trigger, LINK_VARIABLES};
 
 /// The fields every metric check (prometheus, webhook) has besides its source.
 const JUDGEMENT_FIELDS: &[&str] = &[
@@ -236,12 +237,18 @@ pub struct Overrides {
 pub struct Config {
     environments: BTreeMap<String, Environment>,
     apps: BTreeMap<String, App>,
+    notifications: Notifications,
     revision: u64,
 }
 
 impl Config {
     pub fn environments(&self) -> &BTreeMap<String, Environment> {
         &self.environments
+    }
+
+    /// Who is told of which releases (the `notifications:` section; empty when absent).
+    pub fn notifications(&self) -> &Notifications {
+        &self.notifications
     }
 
     pub fn apps(&self) -> &BTreeMap<String, App> {
@@ -1141,7 +1148,7 @@ impl Walk {
             );
             return config;
         }
-        let Some(top) = self.fields("", v, &["environments", "apps"]) else {
+        let Some(top) = self.fields("", v, &["environments", "apps", "notifications"]) else {
             return config;
         };
         let mut env_names = BTreeSet::new();
@@ -1185,7 +1192,225 @@ impl Walk {
                 }
             }
         }
+        if let Some((path, v)) = top.get("notifications") {
+            let app_names: BTreeSet<String> = match top.get("apps").map(|(_, v)| v) {
+                Some(Value::Mapping(m)) => m
+                    .keys()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect(),
+                _ => BTreeSet::new(),
+            };
+            config.notifications = self.notifications(&path, v, &app_names, &env_names);
+        }
         config
+    }
+
+    /// The `notifications:` section: channels by name (a kind and a link; the URL is the
+    /// notifier's secret), and routes naming channels, apps, environments and triggers that exist.
+    fn notifications(
+        &mut self,
+        path: &str,
+        v: &Value,
+        apps: &BTreeSet<String>,
+        envs: &BTreeSet<String>,
+    ) -> Notifications {
+        let mut out = Notifications::default();
+        let Some(f) = self.fields(path, v, &["link", "channels", "routes"]) else {
+            return out;
+        };
+        let default_link = f.get("link").and_then(|(p, v)| self.link(&p, v));
+        if let Some((cpath, v)) = f.get("channels") {
+            for (name, p, v) in self.named(&cpath, v) {
+                let label_ok = match label_problem("channel name", &name) {
+                    None => true,
+                    Some(m) => {
+                        self.err(&p, m);
+                        false
+                    }
+                };
+                let Some(cf) = self.fields(&p, v, &["kind", "link"]) else {
+                    continue;
+                };
+                let kind = match cf.get("kind") {
+                    None => {
+                        self.err(join(&p, "kind"), "required: slack or cloudevents");
+                        None
+                    }
+                    Some((kp, kv)) => {
+                        self.string(&kp, kv)
+                            .and_then(|k| match k.parse::<ChannelKind>() {
+                                Ok(k) => Some(k),
+                                Err(e) => {
+                                    self.err(&kp, e);
+                                    None
+                                }
+                            })
+                    }
+                };
+                let link = match cf.get("link") {
+                    Some((lp, lv)) => self.link(&lp, lv),
+                    None => default_link.clone(),
+                };
+                if let (Some(kind), true) = (kind, label_ok) {
+                    out.channels.insert(name, Channel { kind, link });
+                }
+            }
+        }
+        let Some((rpath, v)) = f.get("routes") else {
+            if !out.channels.is_empty() {
+                self.err(
+                    join(path, "routes"),
+                    "required with channels: say which releases go to which channel",
+                );
+            }
+            return out;
+        };
+        let Value::Sequence(routes) = v else {
+            self.err(
+                &rpath,
+                format!("must be a list of routes, not {}", describe(v)),
+            );
+            return out;
+        };
+        let defined: Vec<String> = match f.get("channels").map(|(_, v)| v) {
+            Some(Value::Mapping(m)) => m
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (i, v) in routes.iter().enumerate() {
+            let p = format!("{rpath}[{i}]");
+            let Some(rf) = self.fields(&p, v, &["channel", "apps", "environments", "on"]) else {
+                continue;
+            };
+            let before = self.problems.len();
+            let channel = match rf.get("channel") {
+                None => {
+                    self.err(join(&p, "channel"), "required: the channel to tell");
+                    None
+                }
+                Some((cp, cv)) => self.string(&cp, cv).and_then(|c| {
+                    if defined.contains(&c) {
+                        Some(c)
+                    } else {
+                        self.err(
+                            &cp,
+                            format!(
+                                "names channel {c:?}, which is not defined (defined: {})",
+                                known(defined.iter())
+                            ),
+                        );
+                        None
+                    }
+                }),
+            };
+            let apps = rf
+                .get("apps")
+                .map(|(ap, av)| self.names_in(&ap, av, "app", apps))
+                .unwrap_or_default();
+            let environments = rf
+                .get("environments")
+                .map(|(ep, ev)| self.names_in(&ep, ev, "environment", envs))
+                .unwrap_or_default();
+            let triggers = match rf.get("on") {
+                None => Trigger::ALL.to_vec(),
+                Some((tp, tv)) => self.triggers(&tp, tv),
+            };
+            if let (Some(channel), true) = (channel, self.problems.len() == before) {
+                out.routes.push(Route {
+                    channel,
+                    apps,
+                    environments,
+                    triggers,
+                });
+            }
+        }
+        out
+    }
+
+    fn link(&mut self, path: &str, v: &Value) -> Option<String> {
+        let s = self.url(path, v)?;
+        if s.is_empty() {
+            self.err(path, "must not be empty (leave the field out for no link)");
+            return None;
+        }
+        match metric::variables_in(&s, &LINK_VARIABLES) {
+            Ok(_) => Some(s),
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    /// A non-empty list of names, each defined (in `defined`).
+    fn names_in(
+        &mut self,
+        path: &str,
+        v: &Value,
+        what: &str,
+        defined: &BTreeSet<String>,
+    ) -> Vec<String> {
+        let Value::Sequence(items) = v else {
+            self.err(
+                path,
+                format!("must be a list of {what} names, not {}", describe(v)),
+            );
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.err(
+                path,
+                format!("lists no {what}: leave the field out for every {what}"),
+            );
+        }
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            if let Some(name) = self.string(&p, item) {
+                if defined.contains(&name) {
+                    out.push(name);
+                } else {
+                    self.err(
+                        &p,
+                        format!(
+                            "names {what} {name:?}, which is not defined (defined: {})",
+                            known(defined.iter())
+                        ),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn triggers(&mut self, path: &str, v: &Value) -> Vec<Trigger> {
+        let Value::Sequence(items) = v else {
+            self.err(
+                path,
+                format!("must be a list of triggers, not {}", describe(v)),
+            );
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.err(
+                path,
+                "lists no trigger: leave the field out for every trigger",
+            );
+        }
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            if let Some(t) = self.string(&p, item) {
+                match t.parse::<Trigger>() {
+                    Ok(t) if !out.contains(&t) => out.push(t),
+                    Ok(_) => {}
+                    Err(e) => self.err(&p, e),
+                }
+            }
+        }
+        out
     }
 
     fn environment(&mut self, path: &str, v: &Value) -> Option<Environment> {

@@ -22,15 +22,17 @@ pub enum Role {
     HealthChecker,
     Rollback,
     Metrics,
+    Notifier,
 }
 
 impl Role {
-    pub const AGENTS: [Role; 5] = [
+    pub const AGENTS: [Role; 6] = [
         Role::Builder,
         Role::Deployer,
         Role::HealthChecker,
         Role::Rollback,
         Role::Metrics,
+        Role::Notifier,
     ];
 
     /// The name used for the NATS user, the dead-letter subject and consumer names.
@@ -42,6 +44,7 @@ impl Role {
             Role::HealthChecker => "health-checker",
             Role::Rollback => "rollback",
             Role::Metrics => "metrics",
+            Role::Notifier => "notifier",
         }
     }
 }
@@ -62,6 +65,7 @@ impl FromStr for Role {
             Role::HealthChecker,
             Role::Rollback,
             Role::Metrics,
+            Role::Notifier,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -362,5 +366,6 @@ mod tests {
             assert_eq!(t.owner(), owner, "{t}");
         }
         assert!(EventType::ALL.iter().all(|t| t.owner() != Role::Metrics));
+        assert!(EventType::ALL.iter().all(|t| t.owner() != Role::Notifier));
     }
 }

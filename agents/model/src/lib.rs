@@ -18,6 +18,7 @@ pub mod ids;
 pub mod limits;
 pub mod metric;
 pub mod names;
+pub mod notify;
 pub mod subject;
 pub mod testing;
 pub mod time;

@@ -196,6 +196,11 @@ pub fn check_query(query: &str) -> Result<(), String> {
 /// The `{{name}}`s of a template, refused when one is not a [`VARIABLES`] name or a brace is
 /// left open.
 pub fn template_variables(template: &str) -> Result<Vec<&str>, String> {
+    variables_in(template, &VARIABLES)
+}
+
+/// The `{{name}}`s of a template, refused when one is not in `known` or a brace is left open.
+pub fn variables_in<'a>(template: &'a str, known: &[&str]) -> Result<Vec<&'a str>, String> {
     let mut found = Vec::new();
     let mut rest = template;
     while let Some(at) = rest.find("{{") {
@@ -204,10 +209,14 @@ pub fn template_variables(template: &str) -> Result<Vec<&str>, String> {
             .find("}}")
             .ok_or_else(|| "has a \"{{\" that is never closed".to_owned())?;
         let name = after[..end].trim();
-        if !VARIABLES.contains(&name) {
+        if !known.contains(&name) {
             return Err(format!(
                 "names {{{{{name}}}}}, which is not a variable: use {}",
-                VARIABLES.map(|v| format!("{{{{{v}}}}}")).join(", ")
+                known
+                    .iter()
+                    .map(|v| format!("{{{{{v}}}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         found.push(name);

@@ -1,5 +1,6 @@
 //! Subjects of the event contract: `baton.v1.events.<env>.<app>.<release_id>.<type>`,
-//! `baton.v1.dlq.<agent>` and `baton.v1.api.>`.
+//! `baton.v1.dlq.<agent>`, `baton.v1.api.>` and the notifier's outbox
+//! `baton.v1.notify.<channel>.<release_id>`.
 
 use std::fmt;
 
@@ -9,6 +10,7 @@ use crate::names::{AppName, EnvName, NameError, ReleaseId};
 pub const EVENTS_PREFIX: &str = "baton.v1.events";
 pub const DLQ_PREFIX: &str = "baton.v1.dlq";
 pub const API_PREFIX: &str = "baton.v1.api";
+pub const NOTIFY_PREFIX: &str = "baton.v1.notify";
 
 /// The parts of an event subject, each already validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +107,16 @@ pub fn app_events(env: &EnvName, app: &AppName) -> String {
 /// The dead-letter subject of an agent.
 pub fn dlq(role: Role) -> String {
     format!("{DLQ_PREFIX}.{role}")
+}
+
+/// A notification waiting to be sent to a channel (the notifier's outbox, stream `BATON_NOTIFY`).
+pub fn notification(channel: &str, release_id: ReleaseId) -> String {
+    format!("{NOTIFY_PREFIX}.{channel}.{release_id}")
+}
+
+/// Every notification waiting, of every channel.
+pub fn all_notifications() -> String {
+    format!("{NOTIFY_PREFIX}.>")
 }
 
 /// A request/reply query subject, e.g. `api("metrics.report")`.

@@ -44,10 +44,12 @@ fn other_type_payload(t: EventType) -> Payload {
             Payload::AnalysisFailed(AnalysisFailed::default())
         }
         Role::HealthChecker => Payload::AnalysisStarted(AnalysisStarted::default()),
-        Role::Rollback | Role::Metrics if t == EventType::RollbackStarted => {
+        Role::Rollback | Role::Metrics | Role::Notifier if t == EventType::RollbackStarted => {
             Payload::ReleaseFailed(ReleaseFailed::default())
         }
-        Role::Rollback | Role::Metrics => Payload::RollbackStarted(RollbackStarted::default()),
+        Role::Rollback | Role::Metrics | Role::Notifier => {
+            Payload::RollbackStarted(RollbackStarted::default())
+        }
     }
 }
 

@@ -19,6 +19,7 @@ mod health;
 mod install;
 mod metric;
 mod metrics;
+mod notify;
 mod release;
 mod replicated;
 mod runtime;
@@ -54,6 +55,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(watch::trials());
     trials.extend(gateway::trials());
     trials.extend(metric::trials());
+    trials.extend(notify::trials());
     run(trials)
 }
 

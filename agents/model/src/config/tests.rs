@@ -1431,3 +1431,76 @@ fn metric_checks_resolve_with_their_judgement() {
     let spec = config.resolve("web", "staging", &image()).unwrap();
     assert!(config.verify(&spec).is_ok());
 }
+
+fn notifications(section: &str) -> String {
+    format!(
+        "{BASE}    port: 8080\n  api: {{}}\nnotifications:\n  {}\n",
+        section.replace('\n', "\n  ")
+    )
+}
+
+#[test]
+fn notifications_route_releases_to_channels() {
+    use crate::notify::{ChannelKind, Trigger};
+    let text = notifications(
+        "link: https://baton.example.com/releases/{{release_id}}\n\
+         channels:\n  web-team: {kind: slack}\n  audit: {kind: cloudevents, link: \"https://audit.example.com/{{app}}/{{env}}\"}\n\
+         routes:\n  - {channel: web-team, apps: [web], environments: [production], on: [requested, failed, rolled_back]}\n  - {channel: audit}",
+    );
+    let config = parse(&text).expect("valid");
+    let n = config.notifications();
+    assert_eq!(n.channels["web-team"].kind, ChannelKind::Slack);
+    assert_eq!(
+        n.channels["web-team"].link.as_deref(),
+        Some("https://baton.example.com/releases/{{release_id}}"),
+        "the section's link is the default"
+    );
+    assert_eq!(
+        n.channels["audit"].link.as_deref(),
+        Some("https://audit.example.com/{{app}}/{{env}}")
+    );
+    assert_eq!(
+        n.channels_for("web", "production", Trigger::Failed),
+        ["audit", "web-team"]
+    );
+    assert_eq!(
+        n.channels_for("web", "production", Trigger::Step),
+        ["audit"]
+    );
+    assert_eq!(
+        n.channels_for("api", "staging", Trigger::Requested),
+        ["audit"]
+    );
+    // No section: nobody is told.
+    let plain = parse(&format!("{BASE}    port: 8080\n")).expect("valid");
+    assert!(plain.notifications().routes.is_empty());
+}
+
+#[test]
+fn bad_notifications_are_refused_with_their_field() {
+    let ch = "channels: {team: {kind: slack}}\n";
+    let table: Vec<(String, &str, &str)> = vec![
+        (notifications("colour: red"), "notifications.colour", "unknown field"),
+        (notifications("channels: {Team: {kind: slack}}\nroutes: []"), "notifications.channels.Team", "not a DNS label"),
+        (notifications("channels: {team: {}}\nroutes: []"), "notifications.channels.team.kind", "required"),
+        (notifications("channels: {team: {kind: teams}}\nroutes: []"), "notifications.channels.team.kind", "not a channel kind"),
+        (notifications("channels: {team: {kind: slack, url: \"https://hooks.example.com/x\"}}\nroutes: []"), "notifications.channels.team.url", "unknown field"),
+        (notifications("channels: {team: {kind: slack, webhook_token: x}}\nroutes: []"), "notifications.channels.team.webhook_token", "secrets never go"),
+        (notifications("channels: {team: {kind: slack, link: \"ftp://x/{{release_id}}\"}}\nroutes: []"), "notifications.channels.team.link", "http:// or https://"),
+        (notifications("link: \"https://x.example.com/{{version}}\"\nchannels: {team: {kind: slack}}\nroutes: []"), "notifications.link", "not a variable"),
+        (notifications(ch), "notifications.routes", "required with channels"),
+        (notifications(&format!("{ch}routes: {{channel: team}}")), "notifications.routes", "list of routes"),
+        (notifications(&format!("{ch}routes: [{{apps: [web]}}]")), "notifications.routes[0].channel", "required"),
+        (notifications(&format!("{ch}routes: [{{channel: ops}}]")), "notifications.routes[0].channel", "not defined (defined: team)"),
+        (notifications(&format!("{ch}routes: [{{channel: team, apps: [shop]}}]")), "notifications.routes[0].apps[0]", "app \"shop\", which is not defined"),
+        (notifications(&format!("{ch}routes: [{{channel: team, apps: []}}]")), "notifications.routes[0].apps", "lists no app"),
+        (notifications(&format!("{ch}routes: [{{channel: team, environments: [prod]}}]")), "notifications.routes[0].environments[0]", "not defined"),
+        (notifications(&format!("{ch}routes: [{{channel: team, on: [deployed]}}]")), "notifications.routes[0].on[0]", "not a trigger"),
+        (notifications(&format!("{ch}routes: [{{channel: team, on: failed}}]")), "notifications.routes[0].on", "list of triggers"),
+        (notifications(&format!("{ch}routes: [{{channel: team, on: []}}]")), "notifications.routes[0].on", "lists no trigger"),
+        (notifications(&format!("{ch}routes: [{{channel: team, when: always}}]")), "notifications.routes[0].when", "unknown field"),
+    ];
+    for (text, path, message) in &table {
+        refused(text, path, message);
+    }
+}
