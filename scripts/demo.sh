@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Baton's demo (the README's first command). On a fresh Debian machine it installs what is missing,
 # builds Baton, brings up the sandbox (NATS, a Kubernetes control plane with simulated nodes, an OCI
-# registry) and the five agents as real processes, applies a sample configuration, pushes a good and
+# registry) and the six agents as real processes, applies a sample configuration, pushes a good and
 # a broken image, releases the good one (it succeeds) and the broken one (it is rolled back
-# automatically), and prints the history and the metrics report. Everything is removed at the end.
+# automatically), and prints the history, the metrics report and the notifications a local webhook
+# received. Everything is removed at the end.
 . "$(dirname "$0")/lib.sh"
 
 start_sandbox
@@ -33,5 +34,12 @@ echo "== history"
 echo
 echo "== metrics"
 "$bin/baton" metrics --env demo --window 1d
+echo
+echo "== notifications (Slack blocks to demo-team, CloudEvents to audit, as a local webhook got them)"
+for _ in $(seq 1 100); do
+  grep -q "dev.baton.release.rolled_back" "$work/notifications.log" && break
+  sleep 0.1
+done
+cat "$work/notifications.log"
 echo
 echo "demo done: the good release succeeded, the broken one was rolled back."

@@ -1,4 +1,4 @@
-# Shared by scripts/demo.sh and scripts/bench.sh: build Baton, bring up the sandbox and the five
+# Shared by scripts/demo.sh and scripts/bench.sh: build Baton, bring up the sandbox and the six
 # agents as real processes, and remove everything on exit. Source it; it sets `bin`, `work`.
 # BATON_PROFILE=release builds and runs the optimised binaries (the benchmark's default).
 set -euo pipefail
@@ -42,11 +42,16 @@ start_sandbox() {
 }
 
 start_agents() {
-  echo "== starting the five agents (logs in $work)"
+  echo "== starting the six agents (logs in $work)"
+  # The notifier's channels (examples/demo/baton.yaml routes to them) are a local webhook sink
+  # that prints what it receives to $work/notifications.log.
+  "$bin/baton-sandbox" webhook-sink --addr 127.0.0.1:19099 >"$work/notifications.log" 2>"$work/webhook-sink.log" &
+  pids+=($!)
+  printf 'demo-team: http://127.0.0.1:19099/demo-team\naudit: http://127.0.0.1:19099/audit\n' >"$work/webhooks.yaml"
   local port=19090 agent p
-  for agent in builder deployer health-checker rollback metrics; do
+  for agent in builder deployer health-checker rollback metrics notifier; do
     # Each agent is given a folder with its own NATS seed alone.
-    BATON_CREDENTIALS=$BATON_USER_CREDENTIALS/$agent \
+    BATON_CREDENTIALS=$BATON_USER_CREDENTIALS/$agent BATON_NOTIFIER_SECRETS=$work/webhooks.yaml \
     BATON_PLAIN_HTTP_REGISTRIES=$BATON_REGISTRY BATON_LOG=${BATON_LOG:-info,async_nats=warn} \
       "$bin/baton-$agent" --cluster sandbox \
       --http-addr "127.0.0.1:$port" >"$work/$agent.log" 2>&1 &
@@ -54,7 +59,7 @@ start_agents() {
     agent_pids+=("$agent:$!")
     port=$((port + 1))
   done
-  for p in 19090 19091 19092 19093 19094; do
+  for p in 19090 19091 19092 19093 19094 19095; do
     for _ in $(seq 1 300); do
       curl -fsS "http://127.0.0.1:$p/readyz" >/dev/null 2>&1 && break
       sleep 0.2

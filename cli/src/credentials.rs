@@ -8,6 +8,19 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use baton_core::bus::NATS_USERS;
 
+/// The notifier's secrets file in the credentials folder.
+pub const WEBHOOKS_FILE: &str = "webhooks.yaml";
+
+const WEBHOOKS_TEMPLATE: &str = "\
+# The notifier's webhook URLs: one line per channel of the configuration's `notifications:`,
+#   <channel>: <url>
+# e.g.
+#   web-team: https://hooks.slack.com/services/T000/B000/XXXX
+#   audit: https://audit.example.com/baton/events
+# These are secrets: keep them here (or in a Secret), never in baton.yaml.
+{}
+";
+
 pub fn write(out: &Path, force: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let env_path = out.join("nkeys.env");
@@ -47,6 +60,23 @@ pub fn write(out: &Path, force: bool) -> anyhow::Result<()> {
         ));
     }
     std::fs::write(&env_path, env).with_context(|| format!("writing {}", env_path.display()))?;
+    let webhooks = out.join(WEBHOOKS_FILE);
+    if !webhooks.exists() {
+        // The notifier's secrets file, for the URLs a person adds: never replaced, even with
+        // --force.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&webhooks)
+            .with_context(|| format!("writing {}", webhooks.display()))?;
+        file.write_all(WEBHOOKS_TEMPLATE.as_bytes())
+            .with_context(|| format!("writing {}", webhooks.display()))?;
+        println!(
+            "wrote {} for the notifier's webhook URLs (no channel yet)",
+            webhooks.display()
+        );
+    }
     println!(
         "wrote credentials for {} to {}",
         NATS_USERS.join(", "),

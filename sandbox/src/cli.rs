@@ -87,6 +87,13 @@ enum Command {
         #[command(flatten)]
         nats: baton_core::bus::NatsArgs,
     },
+    /// Receive webhooks on ADDR (any path) and print one line per notification — Slack bodies by
+    /// their text, CloudEvents by their type and fields — for trying the notifier locally.
+    WebhookSink {
+        /// HOST:PORT to listen on (loopback)
+        #[arg(long, default_value = "127.0.0.1:9099")]
+        addr: std::net::SocketAddr,
+    },
     /// Run PROG, print its pid, and stop it when stdin closes (internal).
     #[command(hide = true)]
     Supervise {
@@ -200,11 +207,64 @@ impl Command {
                 count,
                 nats,
             } => crate::seed::seed(&nats, &env, &app, &namespace, count).await,
+            Command::WebhookSink { addr } => webhook_sink(addr).await,
             Command::Supervise { .. } | Command::Cleanup { .. } => {
                 bail!("internal commands run without this runtime")
             }
         }
     }
+}
+
+/// One line for a notification a webhook received.
+fn sink_line(path: &str, headers: &axum::http::HeaderMap, body: &[u8]) -> String {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let what = match headers.get("ce-type") {
+        // CloudEvents binary mode: the notification is the body.
+        Some(_) => {
+            let mut line = format!(
+                "{} {} in {}",
+                header("ce-type"),
+                text(&json["app"]),
+                text(&json["env"])
+            );
+            if json["step"].as_u64().unwrap_or(0) > 0 {
+                line.push_str(&format!(" step {} ({}%)", json["step"], json["weight"]));
+            }
+            if !text(&json["reason"]).is_empty() {
+                line.push_str(&format!(" — {}", text(&json["reason"])));
+            }
+            line
+        }
+        None => format!("slack: {}", text(&json["text"])),
+    };
+    format!("{path} [{}] {what}", header("idempotency-key"))
+}
+
+async fn webhook_sink(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let app = axum::Router::new().fallback(
+        |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+            println!("{}", sink_line(uri.path(), &headers, &body));
+            "ok"
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    info!(%addr, "receiving webhooks; Ctrl-C to stop");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
 }
 
 async fn up(env_file: Option<PathBuf>, options: SandboxOptions) -> anyhow::Result<()> {

@@ -47,7 +47,7 @@ pub fn check(root: &Path) -> Result<()> {
     let dockerfile =
         std::fs::read_to_string(root.join("Dockerfile")).context("reading Dockerfile")?;
     let shipped = dockerfile_binaries(&dockerfile);
-    ensure!(shipped.len() == 6, "the Dockerfile ships {shipped:?}");
+    ensure!(shipped.len() == 7, "the Dockerfile ships {shipped:?}");
     for bin in &shipped {
         crate::target_bin(bin).with_context(|| {
             format!("the Dockerfile copies {bin}, which the workspace does not build")
@@ -158,9 +158,10 @@ fn check_in(root: &Path, compose: &Value, shipped: &[String], work: &Path) -> Re
                 "baton-deployer",
                 "baton-health-checker",
                 "baton-metrics",
+                "baton-notifier",
                 "baton-rollback"
             ],
-        "compose runs {agents:?}, not the five agents"
+        "compose runs {agents:?}, not the six agents"
     );
     let nats_conf = root.join("bus-config/nats-server.conf");
     ensure!(

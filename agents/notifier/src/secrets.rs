@@ -69,9 +69,11 @@ pub fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, String>, Secret
         let host = rest.and_then(|r| r.split(['/', '?', '#']).next());
         match host {
             Some(h) if !h.is_empty() && !url.chars().any(char::is_whitespace) => {}
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "gives channel {name} a value that is not an http:// or https:// URL with a host"
-            ))),
+            )))
+            }
         }
         out.insert(name.to_owned(), url.to_owned());
     }

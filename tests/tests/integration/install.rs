@@ -94,6 +94,10 @@ async fn render_example(work: &Path) -> Result<()> {
     )
     .await?;
     ensure!(ok, "baton bus credentials: {err}");
+    ensure!(
+        credentials.join("webhooks.yaml").is_file(),
+        "baton bus credentials made no webhooks.yaml for the notifier"
+    );
     let (ok, rendered, err) = run(
         &kubectl(),
         &["kustomize", &overlay.display().to_string()],
@@ -107,6 +111,9 @@ async fn render_example(work: &Path) -> Result<()> {
         "kind: RoleBinding",
         "BATON_CLUSTER: example",
         "name: baton-nats-deployer",
+        "name: baton-notifier",
+        "name: baton-nats-notifier",
+        "name: baton-notifier-webhooks",
     ] {
         ensure!(
             rendered.contains(wanted),

@@ -23,6 +23,7 @@ pub fn trials() -> Vec<Trial> {
         only_the_builder_writes_build_logs,
         the_generated_users_file_of_bus_config_is_current,
         a_forged_request_runs_nothing_changes_nothing_and_says_why,
+        only_the_notifier_fills_and_drains_its_outbox_and_it_publishes_no_event,
     ]
 }
 
@@ -389,5 +390,39 @@ async fn a_forged_request_runs_nothing_changes_nothing_and_says_why() -> Result<
         .state
         .messages;
     ensure!(dlq >= 2, "{dlq} dead letters");
+    Ok(())
+}
+
+/// A forged notification would reach a team's Slack: only the notifier writes the outbox and takes
+/// from it, and the notifier itself cannot publish an event.
+async fn only_the_notifier_fills_and_drains_its_outbox_and_it_publishes_no_event() -> Result<()> {
+    let env = BusEnv::start().await?;
+    let rid = baton_core::names::ReleaseId::generate();
+    let outbox = baton_core::subject::notification("team", rid);
+    // The notifier stores a notification, and the stream acknowledges it.
+    let (notifier, mut notifier_errors) = client(&env, "notifier").await?;
+    let ack = jetstream::new(notifier.clone())
+        .publish(outbox.clone(), Bytes::from_static(b"{}"))
+        .await?
+        .await?;
+    ensure!(ack.stream == "BATON_NOTIFY", "stored in {}", ack.stream);
+    for user in ["cli", "deployer", "metrics"] {
+        let (c, mut errors) = client(&env, user).await?;
+        c.publish(outbox.clone(), Bytes::from_static(b"{}")).await?;
+        c.flush().await?;
+        violation(&mut errors, &outbox).await?;
+        let next = "$JS.API.CONSUMER.MSG.NEXT.BATON_NOTIFY.notifier-deliveries";
+        ensure!(
+            c.request(next, Bytes::new()).await.is_err(),
+            "{user} took from the outbox"
+        );
+        violation(&mut errors, next).await?;
+    }
+    let event = format!("baton.v1.events.test.web.{rid}.release.requested");
+    notifier
+        .publish(event.clone(), Bytes::from_static(b"x"))
+        .await?;
+    notifier.flush().await?;
+    violation(&mut notifier_errors, &event).await?;
     Ok(())
 }
