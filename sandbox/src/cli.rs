@@ -235,8 +235,8 @@ fn sink_line(path: &str, headers: &axum::http::HeaderMap, body: &[u8]) -> String
                 text(&json["app"]),
                 text(&json["env"])
             );
-            if json["step"].as_u64().unwrap_or(0) > 0 {
-                line.push_str(&format!(" step {} ({}%)", json["step"], json["weight"]));
+            if let Some(step) = json["step"].as_u64() {
+                line.push_str(&format!(" step {step} ({}%)", json["weight"]));
             }
             if !text(&json["reason"]).is_empty() {
                 line.push_str(&format!(" — {}", text(&json["reason"])));

@@ -208,12 +208,13 @@ pub struct Notification {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image_ref: String,
     pub strategy: String,
-    /// The step the event is about (0 when none).
-    #[serde(default)]
-    pub step: u32,
-    /// Its weight in percent (0 when none).
-    #[serde(default)]
-    pub weight: u32,
+    /// The step the event is about, numbered from 0 as in the release's events (none for a
+    /// request, or an end before any step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Its weight in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     /// succeeded, rolled_back or failed for the release's end; else empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub outcome: String,
@@ -235,14 +236,8 @@ impl Notification {
     pub fn summary(&self) -> String {
         let what = match self.trigger {
             Trigger::Requested => format!("release requested ({})", self.strategy),
-            Trigger::Step => {
-                format!(
-                    "step {} passed its analysis{}",
-                    self.step,
-                    self.weight_text()
-                )
-            }
-            Trigger::Paused => format!("paused at step {}{}", self.step, self.weight_text()),
+            Trigger::Step => format!("{} passed its analysis", self.step_text()),
+            Trigger::Paused => format!("paused at {}", self.step_text()),
             Trigger::Succeeded => "succeeded".to_owned(),
             Trigger::RolledBack => format!("rolled back{}", self.at_step()),
             Trigger::Failed => format!("failed{}", self.at_step()),
@@ -255,17 +250,18 @@ impl Notification {
         line
     }
 
-    fn weight_text(&self) -> String {
-        if self.weight > 0 {
-            format!(" ({}%)", self.weight)
-        } else {
-            String::new()
+    /// "step 1 (25%)".
+    pub fn step_text(&self) -> String {
+        match (self.step, self.weight) {
+            (Some(s), Some(w)) => format!("step {s} ({w}%)"),
+            (Some(s), None) => format!("step {s}"),
+            (None, _) => "no step".to_owned(),
         }
     }
 
     fn at_step(&self) -> String {
-        if self.step > 0 {
-            format!(" at step {}{}", self.step, self.weight_text())
+        if self.step.is_some() {
+            format!(" at {}", self.step_text())
         } else {
             String::new()
         }
@@ -340,8 +336,8 @@ mod tests {
             image: "web:1.2.3".into(),
             image_ref: String::new(),
             strategy: "canary".into(),
-            step: 1,
-            weight: 10,
+            step: Some(1),
+            weight: Some(10),
             outcome: "rolled_back".into(),
             reason: "error-rate: 0.2 is not < 0.01".into(),
             actor: "alice".into(),

@@ -45,14 +45,14 @@ pub fn notification(
         from_spec.or(from_rollback).unwrap_or_default().to_owned()
     };
     let (step, reason) = match event.payload() {
-        Some(Payload::AnalysisPassed(p)) => (p.step, String::new()),
-        Some(Payload::ReleasePaused(p)) => (p.step, p.reason.clone()),
+        Some(Payload::AnalysisPassed(p)) => (Some(p.step), String::new()),
+        Some(Payload::ReleasePaused(p)) => (Some(p.step), p.reason.clone()),
         Some(Payload::ReleaseRolledBack(p)) => (last_step(state), p.reason.clone()),
         Some(Payload::ReleaseFailed(p)) => (last_step(state), p.reason.clone()),
         Some(Payload::ReleaseSucceeded(_)) => (last_step(state), String::new()),
-        _ => (0, String::new()),
+        _ => (None, String::new()),
     };
-    let weight = state.steps_started.get(&step).copied().unwrap_or(0);
+    let weight = step.and_then(|s| state.steps_started.get(&s).copied());
     let image = match spec {
         Some(s) => s.image.clone(),
         None => state
@@ -113,9 +113,9 @@ pub fn notification(
     n
 }
 
-/// The step a release ended at: the last one started (0 for a release that started none).
-fn last_step(state: &ReleaseState) -> u32 {
-    state.steps_started.keys().next_back().copied().unwrap_or(0)
+/// The step a release ended at: the last one started (none for a release that started none).
+fn last_step(state: &ReleaseState) -> Option<u32> {
+    state.steps_started.keys().next_back().copied()
 }
 
 fn link_variable(n: &Notification, name: &str) -> String {
@@ -192,13 +192,9 @@ pub fn slack_body(n: &Notification) -> Value {
         ("Image", format!("`{}`", n.image)),
         ("Strategy", n.strategy.clone()),
     ];
-    if n.step > 0 {
-        let weight = if n.weight > 0 {
-            format!(" ({}%)", n.weight)
-        } else {
-            String::new()
-        };
-        fields.push(("Step", format!("{}{weight}", n.step)));
+    if n.step.is_some() {
+        let step = n.step_text();
+        fields.push(("Step", step.trim_start_matches("step ").to_owned()));
     }
     if !n.outcome.is_empty() {
         fields.push(("Outcome", n.outcome.replace('_', " ")));
@@ -247,8 +243,8 @@ mod tests {
             image: "registry.example.com/web:1.2.3".into(),
             image_ref: String::new(),
             strategy: "canary".into(),
-            step: 1,
-            weight: 10,
+            step: Some(1),
+            weight: Some(10),
             outcome: "rolled_back".into(),
             reason: "error-rate: 0.2 is not < 0.01 & rising".into(),
             actor: "alice".into(),

@@ -344,6 +344,12 @@ async fn every_routed_event_reaches_its_channels_once_in_order_and_a_dead_receiv
         !receiver.kept("down").iter().any(|r| r.accepted),
         "down took something"
     );
+    // The first step (step 0 of the canary, at 50%) passed: its message says which.
+    let step = team[1].body.to_string();
+    ensure!(
+        all[1].0 == Trigger::Step && step.contains("*Step*\\n0 (50%)"),
+        "{step}"
+    );
 
     // `audit`: only the requests and the ends, in CloudEvents' binary mode.
     let outcomes = expected(
