@@ -32,8 +32,18 @@ pub async fn run(nats: &NatsArgs, cmd: ConfigCommand) -> anyhow::Result<()> {
         ConfigCommand::Validate { file } => {
             let text = read(&file)?;
             let config = validate(&file, &text)?;
+            let n = config.notifications();
+            let notifications = if n.channels.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} notification channels, {} routes",
+                    n.channels.len(),
+                    n.routes.len()
+                )
+            };
             println!(
-                "valid: {} apps, {} environments",
+                "valid: {} apps, {} environments{notifications}",
                 config.apps().len(),
                 config.environments().len()
             );

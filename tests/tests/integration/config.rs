@@ -174,7 +174,7 @@ async fn the_example_file_of_the_repository_is_valid() -> Result<()> {
     let run = baton(&[], &["config", "validate", &example.display().to_string()]).await?;
     ensure!(run.ok(), "examples/baton.yaml is refused: {}", run.stderr);
     ensure!(
-        run.stdout.trim() == "valid: 3 apps, 3 environments",
+        run.stdout.trim() == "valid: 3 apps, 3 environments, 2 notification channels, 2 routes",
         "{:?}",
         run.stdout
     );
