@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Baton's scale benchmark: figures, not assertions. In the sandbox, with the five agents as real
+# Baton's scale benchmark: figures, not assertions. In the sandbox, with the six agents as real
 # processes (optimised build; BATON_PROFILE=debug for a debug one), it measures
 #   1. interference: one healthy rolling release alone, then beside another app's release whose
 #      pods take 20 s to start, then beside another app's canary sitting in a 5-minute pause —
@@ -7,7 +7,8 @@
 #   2. many at once: N = 10, 100, 1000 releases of N apps (1-replica Deployments) requested
 #      together — time until all ended, p50/p99 per release, the agents' CPU per release and
 #      their peak resident memory (goals: 100 within 3× one release; 1000 with every agent under
-#      64 MiB);
+#      64 MiB); and how late their notifications reach a webhook (each release's request, steps
+#      and end, routed to a local sink): from each event to its arrival, p50/p99/max;
 #   3. history: one app after 0, 100 and 1000 earlier releases (written into the stream by
 #      `baton-sandbox seed-history`) — time and agents' CPU per release (goal: flat within 10%).
 # Usage: scripts/bench-scale.sh [MAX_N]   (default 1000; 100 skips the largest run)
@@ -16,6 +17,7 @@ export BATON_PROFILE=${BATON_PROFILE:-release}
 # Room for 1000 apps with a surge pod each (110 pods a node).
 export BATON_SANDBOX_NODES=${BATON_SANDBOX_NODES:-$(( max_n * 2 / 100 + 3 ))}
 export BATON_LOG=${BATON_LOG:-warn}
+export BATON_SINK_FLAGS=--json
 . "$(dirname "$0")/lib.sh"
 
 start_sandbox
@@ -23,7 +25,7 @@ start_agents
 tck=$(getconf CLK_TCK)
 
 now() { date +%s.%N; }
-# Total CPU seconds of the five agents so far.
+# Total CPU seconds of the six agents so far.
 agents_cpu() {
   local total=0 entry pid t
   for entry in "${agent_pids[@]}"; do
@@ -92,6 +94,11 @@ for path in sorted(glob.glob(sys.argv[1] + "/*-baton.yaml")):
         if line == "apps:": part = apps; continue
         part.append(line)
 print("environments:"); print("\n".join(envs)); print("apps:"); print("\n".join(apps))
+# The releases of the many-at-once runs are told to a local webhook sink (scripts/lib.sh).
+print("notifications:")
+print("  channels: {bench: {kind: cloudevents}}")
+print("  routes: [{channel: bench, environments: [%s]}]" % ", ".join(
+    e.split(":")[0].strip() for e in envs if e.strip().startswith("n")))
 PY
   "$bin/baton" config apply "$work/baton.yaml" >/dev/null
 }
@@ -170,6 +177,25 @@ for n in 10 100 1000; do
   all=$(echo "$t1 - $t0" | bc -l)
   printf '%-6s %10s %12.1f %10.1f %10.1f %10.2f %14.0f %16s\n' "$n" "$ok" "$all" "$p50" "$p99" \
     "$(echo "$all / $alone_med" | bc -l)" "$(echo "($cpu1 - $cpu0) * 1000 / $n" | bc -l)" "$(peak_rss)"
+done
+
+# The notifications of those releases: every end told, and how long after its event each arrived.
+echo
+echo "== 2b. their notifications (request, steps and end of each release, to a webhook)"
+printf '%-6s %10s %14s %10s %10s %10s\n' "N" "ends_told" "notifications" "lag_p50_s" "lag_p99_s" "lag_max_s"
+for n in 10 100 1000; do
+  [ "$n" -le "$max_n" ] || continue
+  for _ in $(seq 1 600); do
+    told=$(jq -s --arg src "/n$n/" '[.[] | select((.source | contains($src)) and (.type | test("release\\.(succeeded|failed|rolled_back)$")))] | length' "$work/notifications.log")
+    [ "$told" -ge "$n" ] && break
+    sleep 0.5
+  done
+  jq -s -r --arg src "/n$n/" '.[] | select(.source | contains($src)) | .lag_ms' "$work/notifications.log" | sort -n >"$work/lag-$n"
+  count=$(wc -l <"$work/lag-$n")
+  printf '%-6s %10s %14s %10.2f %10.2f %10.2f\n' "$n" "$told" "$count" \
+    "$(awk '{a[NR]=$1} END {print a[int((NR+1)/2)] / 1000}' "$work/lag-$n")" \
+    "$(awk '{a[NR]=$1} END {i=int(NR*0.99); if (i<1) i=1; print a[i] / 1000}' "$work/lag-$n")" \
+    "$(tail -1 "$work/lag-$n" | awk '{print $1 / 1000}')"
 done
 
 # Until the agents are idle again (the last phase's tail: the metrics agent folding its events,

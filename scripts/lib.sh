@@ -45,9 +45,10 @@ start_agents() {
   echo "== starting the six agents (logs in $work)"
   # The notifier's channels (examples/demo/baton.yaml routes to them) are a local webhook sink
   # that prints what it receives to $work/notifications.log.
-  "$bin/baton-sandbox" webhook-sink --addr 127.0.0.1:19099 >"$work/notifications.log" 2>"$work/webhook-sink.log" &
+  # shellcheck disable=SC2086 # BATON_SINK_FLAGS is a list of flags (--json for the benchmark)
+  "$bin/baton-sandbox" webhook-sink --addr 127.0.0.1:19099 ${BATON_SINK_FLAGS:-} >"$work/notifications.log" 2>"$work/webhook-sink.log" &
   pids+=($!)
-  printf 'demo-team: http://127.0.0.1:19099/demo-team\naudit: http://127.0.0.1:19099/audit\n' >"$work/webhooks.yaml"
+  printf 'demo-team: http://127.0.0.1:19099/demo-team\naudit: http://127.0.0.1:19099/audit\nbench: http://127.0.0.1:19099/bench\n' >"$work/webhooks.yaml"
   local port=19090 agent p
   for agent in builder deployer health-checker rollback metrics notifier; do
     # Each agent is given a folder with its own NATS seed alone.

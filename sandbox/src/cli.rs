@@ -93,6 +93,10 @@ enum Command {
         /// HOST:PORT to listen on (loopback)
         #[arg(long, default_value = "127.0.0.1:9099")]
         addr: std::net::SocketAddr,
+        /// One JSON object per notification instead (path, id, type, source, time, received_ms,
+        /// lag_ms: from the event's time to its arrival), for benchmarks
+        #[arg(long)]
+        json: bool,
     },
     /// Run PROG, print its pid, and stop it when stdin closes (internal).
     #[command(hide = true)]
@@ -207,7 +211,7 @@ impl Command {
                 count,
                 nats,
             } => crate::seed::seed(&nats, &env, &app, &namespace, count).await,
-            Command::WebhookSink { addr } => webhook_sink(addr).await,
+            Command::WebhookSink { addr, json } => webhook_sink(addr, json).await,
             Command::Supervise { .. } | Command::Cleanup { .. } => {
                 bail!("internal commands run without this runtime")
             }
@@ -248,10 +252,43 @@ fn sink_line(path: &str, headers: &axum::http::HeaderMap, body: &[u8]) -> String
     format!("{path} [{}] {what}", header("idempotency-key"))
 }
 
-async fn webhook_sink(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+/// A notification as one JSON line, with how long after its event it arrived.
+fn sink_json(path: &str, headers: &axum::http::HeaderMap) -> String {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let received_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let time = header("ce-time");
+    let lag_ms = baton_core::time::parse_rfc3339(&time)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| received_ms - d.as_millis() as i64);
+    serde_json::json!({
+        "path": path,
+        "id": header("idempotency-key"),
+        "type": header("ce-type"),
+        "source": header("ce-source"),
+        "time": time,
+        "received_ms": received_ms,
+        "lag_ms": lag_ms,
+    })
+    .to_string()
+}
+
+async fn webhook_sink(addr: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
     let app = axum::Router::new().fallback(
-        |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
-            println!("{}", sink_line(uri.path(), &headers, &body));
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+            if json {
+                println!("{}", sink_json(uri.path(), &headers));
+            } else {
+                println!("{}", sink_line(uri.path(), &headers, &body));
+            }
             "ok"
         },
     );
