@@ -61,6 +61,11 @@ impl PrometheusServer {
         pod_port: u16,
         http: &reqwest::Client,
     ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|source| SandboxError::Io {
+            what: "create Prometheus' directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let targets = dir.join("targets.json");
         write_targets(&targets, &BTreeMap::new())?;
         let (url, process) = launch(
