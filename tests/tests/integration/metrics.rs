@@ -419,6 +419,32 @@ async fn start_with_everything_told(env: &BusEnv) -> Result<AgentProcess> {
     Ok(agent)
 }
 
+/// The value of one series in the exposition.
+fn value_of(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The sample lines of the duration histograms.
+fn histogram_lines(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| {
+            [
+                "baton_release_duration_seconds",
+                "baton_step_duration_seconds",
+                "baton_analysis_duration_seconds",
+                "baton_failure_to_rollback_seconds",
+            ]
+            .iter()
+            .any(|h| l.starts_with(h))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * b.abs().max(1.0)
 }
@@ -517,6 +543,43 @@ async fn scripted_releases_give_exact_figures_and_a_restarted_agent_gives_the_sa
         ensure!(close(got, value), "{series} is {got}, expected {value}");
     }
 
+    // The durations are histograms: B's rollback took 2 min from its failure; C and F failed
+    // with no rollback, so they have none.
+    let text = agent.metrics().await?;
+    let web = r#"env="staging",app="web",strategy="rolling""#;
+    for (series, value) in [
+        (
+            format!(r#"baton_release_duration_seconds_count{{{web},outcome="succeeded"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"baton_release_duration_seconds_sum{{{web},outcome="succeeded"}}"#),
+            900.0,
+        ),
+        (
+            format!(r#"baton_failure_to_rollback_seconds_sum{{{web},outcome="rolled_back"}}"#),
+            120.0,
+        ),
+        (
+            format!(
+                r#"baton_failure_to_rollback_seconds_bucket{{le="120.0",{web},outcome="rolled_back"}}"#
+            ),
+            1.0,
+        ),
+    ] {
+        let got = value_of(&text, &series);
+        ensure!(
+            got == Some(value),
+            "{series} is {got:?}, expected {value}:\n{text}"
+        );
+    }
+    ensure!(
+        !text.contains("baton_failure_to_rollback_seconds_count{env=\"prod\""),
+        "a failure with no rollback has a failure-to-rollback figure:\n{text}"
+    );
+    let timings = histogram_lines(&text);
+    let events = agent.metric("baton_history_events_total").await?;
+
     // Killed without warning and started again, it rebuilds everything from the stream.
     agent.process.kill9().await?;
     let agent = AgentProcess::start(&env, "metrics", &[], env.sandbox.dir()).await?;
@@ -524,6 +587,19 @@ async fn scripted_releases_give_exact_figures_and_a_restarted_agent_gives_the_sa
     ensure!(
         figures(again.clone()) == figures(report.clone()),
         "the report after a restart differs:\nbefore {report:#}\nafter {again:#}"
+    );
+    // The same histograms, observation for observation.
+    agent
+        .wait_metric(
+            "baton_history_events_total",
+            events,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let after = histogram_lines(&agent.metrics().await?);
+    ensure!(
+        after == timings && !timings.is_empty(),
+        "the histograms after a restart differ:\nbefore {timings:#?}\nafter {after:#?}"
     );
     let (code, text, err) = baton(&env, &["metrics", "--window", "30d"]).await?;
     ensure!(code == 0, "baton metrics exited {code}: {err}");
@@ -906,7 +982,19 @@ async fn every_query_of_the_dashboard_names_a_metric_the_agents_export_and_prome
         .await?;
 
     // Every metric a query names has series on the agent's /metrics (declared is not enough).
-    let text = agent.metrics().await?;
+    let scrape = reqwest::get(format!("http://{}/metrics", agent.http)).await?;
+    let content_type = scrape
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        content_type == "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        "/metrics is served as {content_type:?}"
+    );
+    let text = scrape.text().await?;
+    ensure!(text.ends_with("# EOF\n"), "/metrics does not end in # EOF");
     let exported = dashboard::exported_names(&text);
     let missing = dashboard::missing(&board, &exported);
     ensure!(
