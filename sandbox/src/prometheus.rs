@@ -1,5 +1,6 @@
 //! A Prometheus server for metric analysis: Debian's `prometheus`, its storage in a directory of
-//! its own, scraping the simulated pods' `/metrics` every second.
+//! its own, scraping the simulated pods' `/metrics` every second (or, for the dashboard's test,
+//! fixed targets such as the agents).
 //!
 //! Debian builds Prometheus without its Kubernetes service discovery, so the pods are found here
 //! instead: a watch of the pods of the given namespaces on the sandbox's API server keeps a
@@ -35,7 +36,8 @@ const POD_LABELS: [(&str, &str); 3] = [
 pub struct PrometheusServer {
     url: String,
     process: ManagedProcess,
-    discovery: Discovery,
+    /// The pod watch, when it scrapes pods.
+    discovery: Option<Discovery>,
 }
 
 /// The task that keeps the discovery file up to date, ended with the server.
@@ -59,55 +61,50 @@ impl PrometheusServer {
         pod_port: u16,
         http: &reqwest::Client,
     ) -> Result<Self> {
-        let program = bins::prometheus()?;
-        let data = dir.join("data");
-        let logs = dir.join("logs");
-        for path in [&data, &logs] {
-            std::fs::create_dir_all(path).map_err(|source| SandboxError::Io {
-                what: "create Prometheus' directories",
-                path: path.clone(),
-                source,
-            })?;
-        }
-        let targets = dir.join("targets.json");
-        write_targets(&targets, &BTreeMap::new())?;
-        let interval = format!("{}s", SCRAPE_INTERVAL.as_secs());
-        let config = json!({
-            "global": { "scrape_interval": interval, "evaluation_interval": interval },
-            "scrape_configs": [{
-                "job_name": "pods",
-                "scrape_interval": interval,
-                "scrape_timeout": interval,
-                "file_sd_configs": [{ "files": [targets], "refresh_interval": interval }],
-            }],
-        });
-        let config_path = dir.join("prometheus.yml");
-        // JSON is YAML.
-        std::fs::write(&config_path, config.to_string()).map_err(|source| SandboxError::Io {
-            what: "write Prometheus' configuration",
-            path: config_path.clone(),
+        std::fs::create_dir_all(dir).map_err(|source| SandboxError::Io {
+            what: "create Prometheus' directory",
+            path: dir.to_path_buf(),
             source,
         })?;
-        let listen = process::free_port()?;
-        let spec = ProcessSpec::new("prometheus", program, logs.join("prometheus.log"))
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", data.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{listen}"))
-            .arg("--storage.tsdb.retention.time=1d")
-            .arg("--log.level=warn");
-        let mut process = ManagedProcess::spawn(spec)?;
-        let url = format!("http://127.0.0.1:{listen}");
-        let ready = format!("{url}/-/ready");
-        process::wait_ready(&mut process, "/-/ready", STARTUP_TIMEOUT, || {
-            process::probe_http(http, &ready, None)
-        })
+        let targets = dir.join("targets.json");
+        write_targets(&targets, &BTreeMap::new())?;
+        let (url, process) = launch(
+            dir,
+            json!({
+                "job_name": "pods",
+                "file_sd_configs": [{ "files": [&targets], "refresh_interval": interval() }],
+            }),
+            http,
+        )
         .await?;
         let namespaces: Vec<String> = namespaces.iter().map(|n| (*n).to_owned()).collect();
         let discovery = Discovery(tokio::spawn(discover(kube, namespaces, pod_port, targets)));
         Ok(Self {
             url,
             process,
-            discovery,
+            discovery: Some(discovery),
+        })
+    }
+
+    /// Starts Prometheus under `dir` scraping `targets` (`host:port`, each `/metrics`) as job
+    /// `job`, as it would scrape Baton's agents through their ServiceMonitor, and waits until it
+    /// is ready.
+    pub async fn start_static(
+        dir: &Path,
+        job: &str,
+        targets: &[String],
+        http: &reqwest::Client,
+    ) -> Result<Self> {
+        let (url, process) = launch(
+            dir,
+            json!({ "job_name": job, "static_configs": [{ "targets": targets }] }),
+            http,
+        )
+        .await?;
+        Ok(Self {
+            url,
+            process,
+            discovery: None,
         })
     }
 
@@ -118,7 +115,9 @@ impl PrometheusServer {
 
     /// Kills it at once (kill -9), as a crash would.
     pub async fn kill9(&mut self) -> Result<()> {
-        self.discovery.0.abort();
+        if let Some(d) = &self.discovery {
+            d.0.abort();
+        }
         self.process.kill9().await.map(|_| ())
     }
 
@@ -126,6 +125,58 @@ impl PrometheusServer {
         drop(self.discovery);
         self.process.stop(DEFAULT_GRACE).await
     }
+}
+
+fn interval() -> String {
+    format!("{}s", SCRAPE_INTERVAL.as_secs())
+}
+
+/// Writes the configuration with one scrape job (scraped every [`SCRAPE_INTERVAL`]), starts
+/// Prometheus and waits until it is ready: its URL and process.
+async fn launch(
+    dir: &Path,
+    mut job: Value,
+    http: &reqwest::Client,
+) -> Result<(String, ManagedProcess)> {
+    let program = bins::prometheus()?;
+    let data = dir.join("data");
+    let logs = dir.join("logs");
+    for path in [&data, &logs] {
+        std::fs::create_dir_all(path).map_err(|source| SandboxError::Io {
+            what: "create Prometheus' directories",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let interval = interval();
+    job["scrape_interval"] = json!(interval);
+    job["scrape_timeout"] = json!(interval);
+    let config = json!({
+        "global": { "scrape_interval": interval, "evaluation_interval": interval },
+        "scrape_configs": [job],
+    });
+    let config_path = dir.join("prometheus.yml");
+    // JSON is YAML.
+    std::fs::write(&config_path, config.to_string()).map_err(|source| SandboxError::Io {
+        what: "write Prometheus' configuration",
+        path: config_path.clone(),
+        source,
+    })?;
+    let listen = process::free_port()?;
+    let spec = ProcessSpec::new("prometheus", program, logs.join("prometheus.log"))
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!("--storage.tsdb.path={}", data.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{listen}"))
+        .arg("--storage.tsdb.retention.time=1d")
+        .arg("--log.level=warn");
+    let mut process = ManagedProcess::spawn(spec)?;
+    let url = format!("http://127.0.0.1:{listen}");
+    let ready = format!("{url}/-/ready");
+    process::wait_ready(&mut process, "/-/ready", STARTUP_TIMEOUT, || {
+        process::probe_http(http, &ready, None)
+    })
+    .await?;
+    Ok((url, process))
 }
 
 /// One scrape target: `ip:port` and its labels.

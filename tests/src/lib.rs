@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod compose;
+pub mod dashboard;
 
 pub use compose::repo_root;
 pub mod harness;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, CONTENT_TYPE};
 
 /// An extra readiness check (e.g. "the Kubernetes API answers"); `Err` says what is wrong.
 pub type ReadinessCheck = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
@@ -56,10 +56,7 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        h.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], h.metrics.render())
 }
 
 /// Binds the endpoint (so a bad address fails at start) and serves it until shutdown.

@@ -37,7 +37,7 @@ use crate::busconfig::ConsumerDef;
 use crate::error::{Error, Result};
 use crate::event::{Event, Role};
 use crate::ids::EventKey;
-use crate::metrics::{names, Metrics};
+use crate::metrics::{buckets, names, Metrics};
 use crate::subject::{self, EventSubject};
 use baton_proto::v1::envelope::Payload;
 
@@ -542,8 +542,9 @@ impl Executor {
                     None
                 }
             };
-            ctx.metrics.observe(
+            ctx.metrics.observe_in(
                 names::HANDLER_SECONDS,
+                buckets::HANDLER,
                 &[("consumer", &durable)],
                 started.elapsed(),
             );

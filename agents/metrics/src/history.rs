@@ -16,6 +16,8 @@ use serde::Serialize;
 
 use baton_core::time::rfc3339_ms as rfc3339;
 
+use crate::timings::{self, Clocks, Facts, Observation};
+
 /// One release as the history knows it.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -28,6 +30,8 @@ pub struct Record {
     pub first_failure_ms: Option<i64>,
     /// Time of the earliest event, for releases whose request is not in the stream.
     pub first_seen_ms: i64,
+    /// What its timings need until it ends.
+    clocks: Clocks,
 }
 
 impl Record {
@@ -81,6 +85,8 @@ pub enum Applied {
 pub struct History {
     releases: HashMap<ReleaseId, Record>,
     events: u64,
+    /// Durations completed by the events folded since the last [`History::take_observations`].
+    observations: Vec<Observation>,
 }
 
 impl History {
@@ -101,11 +107,13 @@ impl History {
                 state: ReleaseState::default(),
                 first_failure_ms: None,
                 first_seen_ms: time,
+                clocks: Clocks::default(),
             });
         if record.env != subject.env || record.app != subject.app {
             return Applied::Mismatch;
         }
         let before = record.state.events;
+        let was_ended = record.state.terminal.is_some();
         record.state.apply(event);
         if record.state.events == before {
             return Applied::Duplicate;
@@ -118,7 +126,23 @@ impl History {
         ) {
             record.first_failure_ms = Some(record.first_failure_ms.map_or(time, |t| t.min(time)));
         }
+        let facts = Facts {
+            env: &record.env,
+            app: &record.app,
+            state: &record.state,
+            ended_now: !was_ended && record.state.terminal.is_some(),
+            manual_rollback: record.is_manual_rollback(),
+            requested_ms: record.requested_ms(),
+            first_failure_ms: record.first_failure_ms,
+        };
+        timings::observe(&facts, &mut record.clocks, event, &mut self.observations);
         Applied::Folded
+    }
+
+    /// The durations completed since the last call (each release, step, analysis and rollback
+    /// once), oldest first.
+    pub fn take_observations(&mut self) -> Vec<Observation> {
+        std::mem::take(&mut self.observations)
     }
 
     /// Distinct events folded.

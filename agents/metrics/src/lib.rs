@@ -4,7 +4,8 @@
 //! reads the whole `BATON_EVENTS` stream into an in-memory history of releases (each folded with
 //! `baton_core::fold`), then follows it live, so a restart rebuilds everything from the stream.
 //! It serves the figures on `/metrics` ([`prom`]) and over NATS request/reply ([`api`]); the
-//! figures themselves are computed in [`dora`], with no I/O. Its durable consumer `metrics-all`
+//! figures themselves are computed in [`dora`] and the durations of release work in [`timings`],
+//! with no I/O. Its durable consumer `metrics-all`
 //! runs through the shared runtime, which dead-letters invalid events.
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod prom;
 pub mod service;
 #[cfg(test)]
 mod testing;
+pub mod timings;
 
 use std::time::Duration;
 

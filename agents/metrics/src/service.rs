@@ -144,6 +144,10 @@ async fn keep(
 ) {
     let mut history = History::new();
     let mut exporter = Exporter::default();
+    // The histograms, filled from the first event on but shown on `/metrics` only once the
+    // history is whole: a scrape never sees a restarted agent's figures half rebuilt (which
+    // Prometheus would take for a counter reset).
+    let timings = Metrics::new();
     let mut held: Vec<(Query, oneshot::Sender<Vec<u8>>)> = Vec::new();
     let mut changed = true;
     let mut exported_at: Option<tokio::time::Instant> = None;
@@ -157,7 +161,10 @@ async fn keep(
                 Some(Msg::Event(boxed)) => {
                     let (subject, event) = *boxed;
                     match history.apply(&subject, &event) {
-                        Applied::Folded => changed = true,
+                        Applied::Folded => {
+                            changed = true;
+                            prom::record(&timings, &history.take_observations());
+                        }
                         Applied::Duplicate => {}
                         Applied::Mismatch => tracing::warn!(
                             %subject, event_id = %event.id(),
@@ -191,6 +198,7 @@ async fn keep(
                 let due = exported_at.is_none_or(|t| t.elapsed() >= EXPORT_EVERY);
                 if let (true, Some(metrics)) = (loaded.load(Ordering::Relaxed), registry.get()) {
                     if changed || due {
+                        metrics.include(&timings);
                         exporter.export(metrics, &history, now_ms());
                         changed = false;
                         exported_at = Some(tokio::time::Instant::now());

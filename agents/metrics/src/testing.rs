@@ -174,7 +174,7 @@ impl Script {
         )
     }
 
-    /// Ends a manual rollback as done.
+    /// Ends the release (a manual rollback: done) with `release.rolled_back`.
     pub fn rolled_back(self, end_ms: i64) -> Script {
         self.push(
             end_ms,
@@ -184,7 +184,7 @@ impl Script {
         )
     }
 
-    /// Ends a manual rollback as failed.
+    /// Ends the release (a manual rollback: not done) with `release.failed`.
     pub fn failed(self, end_ms: i64) -> Script {
         self.push(
             end_ms,
@@ -192,6 +192,112 @@ impl Script {
                 reason: "previous revision is gone".into(),
             }),
         )
+    }
+
+    /// `deploy.started` with `strategy` at `at_ms`.
+    pub fn deploy(self, at_ms: i64, strategy: Strategy) -> Script {
+        self.push(
+            at_ms,
+            Payload::DeployStarted(DeployStarted {
+                strategy: strategy as i32,
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// `deploy.step_started` of `step` with `weight` at `at_ms`.
+    pub fn step(self, step: u32, weight: u32, at_ms: i64) -> Script {
+        self.push(
+            at_ms,
+            Payload::DeployStepStarted(DeployStepStarted {
+                step,
+                weight,
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// `deploy.step_ready` of `step` at `at_ms`.
+    pub fn ready(self, step: u32, weight: u32, at_ms: i64) -> Script {
+        self.push(
+            at_ms,
+            Payload::DeployStepReady(DeployStepReady {
+                step,
+                weight,
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// `deploy.failed` at `step` at `at_ms`.
+    pub fn deploy_failed(self, step: u32, at_ms: i64) -> Script {
+        self.push(
+            at_ms,
+            Payload::DeployFailed(DeployFailed {
+                step,
+                reason: "pods crash-loop".into(),
+                kind: FailureKind::CrashLoop as i32,
+                cluster_changed: true,
+            }),
+        )
+    }
+
+    pub fn analysis_started(self, step: u32, at_ms: i64) -> Script {
+        self.push(
+            at_ms,
+            Payload::AnalysisStarted(AnalysisStarted {
+                step,
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// `analysis.passed` (or `analysis.failed` when not `passed`) of `step` at `at_ms`.
+    pub fn verdict(self, step: u32, passed: bool, at_ms: i64) -> Script {
+        let payload = if passed {
+            Payload::AnalysisPassed(AnalysisPassed {
+                step,
+                ..Default::default()
+            })
+        } else {
+            Payload::AnalysisFailed(AnalysisFailed {
+                step,
+                reason: "health check failed".into(),
+                ..Default::default()
+            })
+        };
+        self.push(at_ms, payload)
+    }
+
+    pub fn rollback_started(self, at_ms: i64) -> Script {
+        self.push(at_ms, Payload::RollbackStarted(RollbackStarted::default()))
+    }
+
+    pub fn rollback_completed(self, at_ms: i64) -> Script {
+        self.push(
+            at_ms,
+            Payload::RollbackCompleted(RollbackCompleted::default()),
+        )
+    }
+
+    /// Ends the release with `release.succeeded`.
+    pub fn succeeded(self, end_ms: i64) -> Script {
+        self.push(
+            end_ms,
+            Payload::ReleaseSucceeded(ReleaseSucceeded {
+                image_ref: "web@sha256:00".into(),
+            }),
+        )
+    }
+
+    /// The same release with `strategy` in its spec.
+    pub fn with_strategy(mut self, strategy: Strategy) -> Script {
+        if let Some(Payload::ReleaseRequested(r)) = self.events[0].1.envelope.payload.as_mut() {
+            if let Some(spec) = r.spec.as_mut() {
+                spec.strategy = strategy as i32;
+            }
+        }
+        self
     }
 
     pub fn feed(&self, history: &mut History) {

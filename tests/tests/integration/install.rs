@@ -22,6 +22,7 @@ use libtest_mimic::Trial;
 pub fn trials() -> Vec<Trial> {
     crate::trials![
         the_example_overlay_renders,
+        the_grafana_dashboard_component_renders_the_dashboard_for_grafanas_sidecar,
         every_strategy_runs_with_each_agent_on_its_own_service_account,
     ]
 }
@@ -139,6 +140,43 @@ async fn render_example(work: &Path) -> Result<()> {
         "the cli seed is in the cluster"
     );
     Ok(())
+}
+
+/// An overlay with `components/grafana-dashboard` renders one ConfigMap, labelled for Grafana's
+/// dashboard sidecar, holding `deploy/grafana/baton.json` as it is.
+async fn the_grafana_dashboard_component_renders_the_dashboard_for_grafanas_sidecar() -> Result<()>
+{
+    let work = std::env::temp_dir().join(format!("baton-deploy-{}", uuid::Uuid::new_v4().simple()));
+    let result = async {
+        let deploy = work.join("deploy");
+        copy_tree(&repo_root().join("deploy"), &deploy)?;
+        let overlay = deploy.join("overlays/grafana");
+        std::fs::create_dir_all(&overlay)?;
+        std::fs::write(
+            overlay.join("kustomization.yaml"),
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\ncomponents:\n  - ../../components/grafana-dashboard\n",
+        )?;
+        let (ok, rendered, err) =
+            run(&kubectl(), &["kustomize", &overlay.display().to_string()], None).await?;
+        ensure!(ok, "kubectl kustomize with components/grafana-dashboard: {err}");
+        let map: serde_json::Value = serde_yaml_ng::from_str(&rendered)?;
+        ensure!(
+            map["kind"] == "ConfigMap"
+                && map["metadata"]["name"] == "baton-grafana-dashboard"
+                && map["metadata"]["namespace"] == "baton"
+                && map["metadata"]["labels"]["grafana_dashboard"] == "1",
+            "rendered:\n{rendered}"
+        );
+        let file = std::fs::read_to_string(repo_root().join("deploy/grafana/baton.json"))?;
+        ensure!(
+            map["data"]["baton.json"].as_str() == Some(file.as_str()),
+            "the ConfigMap does not hold deploy/grafana/baton.json as it is"
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
 }
 
 /// A kubeconfig like the admin's, with `token` as its user.

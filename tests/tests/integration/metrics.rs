@@ -1,7 +1,8 @@
 //! The metrics agent as a real process against a real nats-server: a scripted set of releases,
 //! published by the owners of their events with chosen times, gives exact figures through
 //! `baton metrics` and `baton history`; a restarted agent rebuilds the same figures from the
-//! stream; bad requests and a missing agent get clear errors.
+//! stream; bad requests and a missing agent get clear errors; every query of the Grafana dashboard
+//! reads metrics the agent exports, and a real Prometheus scraping it runs them all.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,8 +13,9 @@ use baton_core::ids::EventKey;
 use baton_core::names::ReleaseId;
 use baton_core::subject::EventSubject;
 use baton_proto::v1::{envelope::Payload, *};
+use baton_sandbox::PrometheusServer;
 use baton_tests::harness::trial;
-use baton_tests::{sample_spec, target_bin, AgentProcess, BusEnv};
+use baton_tests::{dashboard, eventually, sample_spec, target_bin, AgentProcess, BusEnv};
 use libtest_mimic::Trial;
 use serde_json::Value;
 
@@ -24,6 +26,7 @@ pub fn trials() -> Vec<Trial> {
         a_bad_request_gets_a_clear_error_and_the_agent_keeps_answering,
         without_a_metrics_agent_the_cli_says_so_and_exits_1,
         the_metrics_agent_keeps_answering_long_after_it_started,
+        every_query_of_the_dashboard_names_a_metric_the_agents_export_and_prometheus_runs_it,
     ]
 }
 
@@ -416,6 +419,32 @@ async fn start_with_everything_told(env: &BusEnv) -> Result<AgentProcess> {
     Ok(agent)
 }
 
+/// The value of one series in the exposition.
+fn value_of(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The sample lines of the duration histograms.
+fn histogram_lines(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| {
+            [
+                "baton_release_duration_seconds",
+                "baton_step_duration_seconds",
+                "baton_analysis_duration_seconds",
+                "baton_failure_to_rollback_seconds",
+            ]
+            .iter()
+            .any(|h| l.starts_with(h))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * b.abs().max(1.0)
 }
@@ -514,6 +543,43 @@ async fn scripted_releases_give_exact_figures_and_a_restarted_agent_gives_the_sa
         ensure!(close(got, value), "{series} is {got}, expected {value}");
     }
 
+    // The durations are histograms: B's rollback took 2 min from its failure; C and F failed
+    // with no rollback, so they have none.
+    let text = agent.metrics().await?;
+    let web = r#"env="staging",app="web",strategy="rolling""#;
+    for (series, value) in [
+        (
+            format!(r#"baton_release_duration_seconds_count{{{web},outcome="succeeded"}}"#),
+            2.0,
+        ),
+        (
+            format!(r#"baton_release_duration_seconds_sum{{{web},outcome="succeeded"}}"#),
+            900.0,
+        ),
+        (
+            format!(r#"baton_failure_to_rollback_seconds_sum{{{web},outcome="rolled_back"}}"#),
+            120.0,
+        ),
+        (
+            format!(
+                r#"baton_failure_to_rollback_seconds_bucket{{le="120.0",{web},outcome="rolled_back"}}"#
+            ),
+            1.0,
+        ),
+    ] {
+        let got = value_of(&text, &series);
+        ensure!(
+            got == Some(value),
+            "{series} is {got:?}, expected {value}:\n{text}"
+        );
+    }
+    ensure!(
+        !text.contains("baton_failure_to_rollback_seconds_count{env=\"prod\""),
+        "a failure with no rollback has a failure-to-rollback figure:\n{text}"
+    );
+    let timings = histogram_lines(&text);
+    let events = agent.metric("baton_history_events_total").await?;
+
     // Killed without warning and started again, it rebuilds everything from the stream.
     agent.process.kill9().await?;
     let agent = AgentProcess::start(&env, "metrics", &[], env.sandbox.dir()).await?;
@@ -521,6 +587,19 @@ async fn scripted_releases_give_exact_figures_and_a_restarted_agent_gives_the_sa
     ensure!(
         figures(again.clone()) == figures(report.clone()),
         "the report after a restart differs:\nbefore {report:#}\nafter {again:#}"
+    );
+    // The same histograms, observation for observation.
+    agent
+        .wait_metric(
+            "baton_history_events_total",
+            events,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let after = histogram_lines(&agent.metrics().await?);
+    ensure!(
+        after == timings && !timings.is_empty(),
+        "the histograms after a restart differ:\nbefore {timings:#?}\nafter {after:#?}"
     );
     let (code, text, err) = baton(&env, &["metrics", "--window", "30d"]).await?;
     ensure!(code == 0, "baton metrics exited {code}: {err}");
@@ -773,5 +852,240 @@ async fn the_metrics_agent_keeps_answering_long_after_it_started() -> Result<()>
     );
     ensure!(out.trim() == "[]", "baton history printed {out}");
     ensure!(agent.process.is_running(), "the agent died");
+    Ok(())
+}
+
+/// What the first script lacks for the dashboard: a canary whose step gets ready and whose
+/// analysis passes, a release whose rollback fails, and a message the agent dead-letters.
+async fn script_for_the_dashboard(o: &Owners, env: &BusEnv, base: i64) -> Result<usize> {
+    let mut n = 0;
+    let mut h = Release::request(o, "prod", "web", base + 8 * H, None).await?;
+    let at = base + 8 * H;
+    h.publish(
+        &o.deployer,
+        at + 10 * S,
+        EventKey::Step(1),
+        Payload::DeployStepReady(DeployStepReady {
+            step: 1,
+            weight: 100,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    h.publish(
+        &o.health,
+        at + 10 * S,
+        EventKey::Step(1),
+        Payload::AnalysisStarted(AnalysisStarted {
+            step: 1,
+            checks: vec!["http".into()],
+        }),
+    )
+    .await?;
+    h.publish(
+        &o.health,
+        at + 70 * S,
+        EventKey::Step(1),
+        Payload::AnalysisPassed(AnalysisPassed {
+            step: 1,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    n += h.succeed(at + 80 * S).await?;
+
+    let at = base + 9 * H;
+    let mut stuck = Release::request(o, "prod", "web", at, None).await?;
+    stuck
+        .publish(
+            &o.deployer,
+            at + 20 * S,
+            EventKey::Once,
+            Payload::DeployFailed(DeployFailed {
+                step: 1,
+                reason: "new pods crash-loop".into(),
+                kind: FailureKind::CrashLoop as i32,
+                cluster_changed: true,
+            }),
+        )
+        .await?;
+    stuck
+        .publish(
+            &o.rollback,
+            at + 21 * S,
+            EventKey::Once,
+            Payload::RollbackStarted(RollbackStarted::default()),
+        )
+        .await?;
+    stuck
+        .publish(
+            &o.rollback,
+            at + 50 * S,
+            EventKey::Once,
+            Payload::RollbackFailed(RollbackFailed {
+                reason: "the previous revision is gone".into(),
+            }),
+        )
+        .await?;
+    stuck
+        .publish(
+            &o.rollback,
+            at + 51 * S,
+            EventKey::Once,
+            Payload::ReleaseFailed(ReleaseFailed {
+                reason: "rollback failed".into(),
+            }),
+        )
+        .await?;
+    n += stuck.published;
+
+    // Not an event at all: dead-lettered (the dashboard shows dead letters).
+    let cli = env.bus("cli").await?;
+    let subject = format!(
+        "baton.v1.events.prod.web.{}.release.requested",
+        ReleaseId::generate()
+    );
+    cli.jetstream()
+        .publish(subject, b"\x00\xff not protobuf"[..].into())
+        .await?
+        .await?;
+    Ok(n)
+}
+
+async fn every_query_of_the_dashboard_names_a_metric_the_agents_export_and_prometheus_runs_it(
+) -> Result<()> {
+    let board = dashboard::load()?;
+    let queries = dashboard::queries(&board);
+    ensure!(
+        queries.len() > 20,
+        "only {} queries in the dashboard",
+        queries.len()
+    );
+    let env = BusEnv::start().await?;
+    let agent = start_with_everything_told(&env).await?;
+    let owners = Owners::connect(&env).await?;
+    let before = agent.metric("baton_history_events_total").await?;
+    let more = script_for_the_dashboard(&owners, &env, base()).await?;
+    agent
+        .wait_metric(
+            "baton_history_events_total",
+            before + more as f64,
+            Duration::from_secs(30),
+        )
+        .await?;
+    agent
+        .wait_metric(
+            r#"baton_events_handled_total{consumer="metrics-all",outcome="dead_letter"}"#,
+            1.0,
+            Duration::from_secs(30),
+        )
+        .await?;
+
+    // Every metric a query names has series on the agent's /metrics (declared is not enough).
+    let scrape = reqwest::get(format!("http://{}/metrics", agent.http)).await?;
+    let content_type = scrape
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        content_type == "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        "/metrics is served as {content_type:?}"
+    );
+    let text = scrape.text().await?;
+    ensure!(text.ends_with("# EOF\n"), "/metrics does not end in # EOF");
+    let exported = dashboard::exported_names(&text);
+    let missing = dashboard::missing(&board, &exported);
+    ensure!(
+        missing.is_empty(),
+        "the dashboard reads metrics the agent does not export:\n{}\nit exports: {exported:?}",
+        missing
+            .iter()
+            .map(|(name, q)| format!("  {name} in {q}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let names: std::collections::BTreeSet<String> = queries
+        .iter()
+        .flat_map(|q| dashboard::metric_names(q))
+        .collect();
+    for expected in [
+        "baton_release_duration_seconds",
+        "baton_step_duration_seconds",
+        "baton_analysis_duration_seconds",
+        "baton_failure_to_rollback_seconds",
+        "baton_release_current_step",
+        "baton_deployment_frequency_per_day",
+    ] {
+        ensure!(
+            names.contains(expected),
+            "the dashboard shows no {expected}: {names:?}"
+        );
+    }
+
+    // A real Prometheus (Debian's 2.x) reads the agent's OpenMetrics text, and every query, with
+    // the dashboard's variables set, runs and finds series: label names and values included.
+    let dir = env.sandbox.dir().join("prometheus");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let prometheus =
+        PrometheusServer::start_static(&dir, "baton", &[agent.http.to_string()], &http).await?;
+    let query = |q: String| {
+        let http = http.clone();
+        let url = reqwest::Url::parse(&format!("{}/api/v1/query", prometheus.url()));
+        async move {
+            let mut url = url?;
+            url.query_pairs_mut().append_pair("query", &q);
+            let answer: Value = http.get(url).send().await?.json().await?;
+            anyhow::Ok(answer)
+        }
+    };
+    // Rates need two scrapes (one a second) of the same figures.
+    eventually(
+        "Prometheus to hold three scrapes of the agent",
+        Duration::from_secs(60),
+        || async move {
+            let a = query("count_over_time(baton_up[1m])".into()).await?;
+            let n = a
+                .pointer("/data/result/0/value/1")
+                .and_then(Value::as_str)
+                .and_then(|v| v.parse::<f64>().ok());
+            Ok(n.filter(|n| *n >= 3.0))
+        },
+    )
+    .await?;
+    let variables = [
+        ("env", ".*"),
+        ("app", ".*"),
+        ("window", "1h"),
+        ("__rate_interval", "1m"),
+        ("__interval", "1m"),
+        ("__range", "1h"),
+    ];
+    let mut empty = Vec::new();
+    for q in &queries {
+        let promql = dashboard::with_variables(q, &variables);
+        let answer = query(promql.clone()).await?;
+        ensure!(
+            answer["status"] == "success",
+            "Prometheus refused {promql}: {answer}"
+        );
+        let found = answer
+            .pointer("/data/result")
+            .and_then(Value::as_array)
+            .is_some_and(|r| !r.is_empty());
+        if !found {
+            empty.push(promql);
+        }
+    }
+    ensure!(
+        empty.is_empty(),
+        "queries that found nothing in Prometheus:\n{}",
+        empty.join("\n")
+    );
+    prometheus.stop().await?;
+    drop(agent);
     Ok(())
 }

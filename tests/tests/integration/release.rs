@@ -76,7 +76,7 @@ async fn a_rolling_release_of_a_healthy_image_succeeds_and_runs_it_by_digest() -
 }
 
 async fn an_image_that_fails_its_health_check_is_rolled_back() -> Result<()> {
-    let baton = Baton::start("e2e-health").await?;
+    let mut baton = Baton::start("e2e-health").await?;
     let (good, _) = baton.push("v2", &[("BATON_SIM_HEALTH", "ok")]).await?;
     let (code, _, out) = baton.release(&good, true).await?;
     ensure!(code == 0, "the good release failed:\n{out}");
@@ -124,6 +124,55 @@ async fn an_image_that_fails_its_health_check_is_rolled_back() -> Result<()> {
         status.available_replicas == Some(2) && status.updated_replicas == Some(2),
         "the restored revision is not available: {status:?}"
     );
+
+    // The metrics agent timed both from their events: one release each way, each one's step
+    // ready, one analysis passed and one failed, one rollback after the failure.
+    let metrics = baton.agent("metrics")?;
+    let of = |h: &str, outcome: &str| {
+        format!(r#"{h}{{env="test",app="web",strategy="rolling",outcome="{outcome}"}}"#)
+    };
+    for (series, n) in [
+        (of("baton_release_duration_seconds_count", "succeeded"), 1.0),
+        (
+            of("baton_release_duration_seconds_count", "rolled_back"),
+            1.0,
+        ),
+        (of("baton_step_duration_seconds_count", "ready"), 2.0),
+        (of("baton_analysis_duration_seconds_count", "passed"), 1.0),
+        (of("baton_analysis_duration_seconds_count", "failed"), 1.0),
+        (
+            of("baton_failure_to_rollback_seconds_count", "rolled_back"),
+            1.0,
+        ),
+    ] {
+        metrics
+            .wait_metric(&series, n, std::time::Duration::from_secs(30))
+            .await?;
+        let got = metrics.metric(&series).await?;
+        ensure!(got == n, "{series} is {got}, expected {n}");
+    }
+    let restore = metrics
+        .metric(&of("baton_failure_to_rollback_seconds_sum", "rolled_back"))
+        .await?;
+    let whole = metrics
+        .metric(&of("baton_release_duration_seconds_sum", "rolled_back"))
+        .await?;
+    ensure!(
+        restore > 0.0 && restore < whole,
+        "failure to rollback {restore} s in a release of {whole} s"
+    );
+    // Its gauges go at the agent's next export (within a second or so).
+    let id = rid.to_string();
+    baton_tests::eventually(
+        "the ended release's gauges to go",
+        std::time::Duration::from_secs(10),
+        || {
+            let text = metrics.metrics();
+            let id = &id;
+            async move { Ok((!text.await?.contains(id.as_str())).then_some(())) }
+        },
+    )
+    .await?;
     Ok(())
 }
 
