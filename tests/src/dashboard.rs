@@ -237,10 +237,40 @@ pub fn exported_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Each (metric, query) of the dashboard whose metric is not in `exported`.
-pub fn missing(dashboard: &Value, exported: &BTreeSet<String>) -> Vec<(String, String)> {
+/// Which agent exports the metrics a query reads: the notifier's are its own
+/// (`baton_notification…`); every other query is the metrics agent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exporter {
+    Metrics,
+    Notifier,
+}
+
+pub fn exporter_of(expr: &str) -> Exporter {
+    let names = metric_names(expr);
+    if !names.is_empty() && names.iter().all(|n| n.starts_with("baton_notification")) {
+        Exporter::Notifier
+    } else {
+        Exporter::Metrics
+    }
+}
+
+/// The dashboard's queries of one exporter.
+pub fn queries_of(dashboard: &Value, exporter: Exporter) -> Vec<String> {
+    queries(dashboard)
+        .into_iter()
+        .filter(|q| exporter_of(q) == exporter)
+        .collect()
+}
+
+/// Each (metric, query) of the dashboard's queries of `exporter` whose metric is not in
+/// `exported`.
+pub fn missing(
+    dashboard: &Value,
+    exporter: Exporter,
+    exported: &BTreeSet<String>,
+) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for q in queries(dashboard) {
+    for q in queries_of(dashboard, exporter) {
         for name in metric_names(&q) {
             if !exported.contains(&name) {
                 out.push((name, q.clone()));
@@ -321,12 +351,22 @@ mod tests {
             "# TYPE baton_up gauge\nbaton_up{agent=\"metrics\"} 1.0\n# TYPE baton_releases counter\nbaton_releases_total{env=\"a\"} 1\n# TYPE baton_bogus counter\n# EOF\n",
         );
         assert_eq!(
-            missing(&dashboard, &exported),
+            missing(&dashboard, Exporter::Metrics, &exported),
             [(
                 "baton_bogus_total".to_owned(),
                 "rate(baton_bogus_total[5m])".to_owned()
             )],
             "declared without a series is not exported"
+        );
+        assert!(missing(&dashboard, Exporter::Notifier, &exported).is_empty());
+        assert_eq!(
+            exporter_of("max(baton_notifications_pending)"),
+            Exporter::Notifier
+        );
+        assert_eq!(
+            exporter_of("baton_notifications_pending / baton_up"),
+            Exporter::Metrics,
+            "a query mixing both is checked against the metrics agent"
         );
     }
 

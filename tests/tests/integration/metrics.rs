@@ -955,7 +955,8 @@ async fn script_for_the_dashboard(o: &Owners, env: &BusEnv, base: i64) -> Result
 async fn every_query_of_the_dashboard_names_a_metric_the_agents_export_and_prometheus_runs_it(
 ) -> Result<()> {
     let board = dashboard::load()?;
-    let queries = dashboard::queries(&board);
+    // The notifier's panels are checked against the notifier (notify::).
+    let queries = dashboard::queries_of(&board, dashboard::Exporter::Metrics);
     ensure!(
         queries.len() > 20,
         "only {} queries in the dashboard",
@@ -996,7 +997,7 @@ async fn every_query_of_the_dashboard_names_a_metric_the_agents_export_and_prome
     let text = scrape.text().await?;
     ensure!(text.ends_with("# EOF\n"), "/metrics does not end in # EOF");
     let exported = dashboard::exported_names(&text);
-    let missing = dashboard::missing(&board, &exported);
+    let missing = dashboard::missing(&board, dashboard::Exporter::Metrics, &exported);
     ensure!(
         missing.is_empty(),
         "the dashboard reads metrics the agent does not export:\n{}\nit exports: {exported:?}",

@@ -461,6 +461,25 @@ async fn every_routed_event_reaches_its_channels_once_in_order_and_a_dead_receiv
         .metric(r#"baton_notifications_sent_total{channel="team",trigger="requested"}"#)
         .await?;
     ensure!(sent == 2.0, "{sent} requested notifications sent to team");
+    // The dashboard's notification panels read what this notifier exports.
+    let board = baton_tests::dashboard::load()?;
+    let panels =
+        baton_tests::dashboard::queries_of(&board, baton_tests::dashboard::Exporter::Notifier);
+    ensure!(
+        panels.len() >= 4,
+        "the dashboard shows {} notifier queries",
+        panels.len()
+    );
+    let exported = baton_tests::dashboard::exported_names(&notifier.metrics().await?);
+    let missing = baton_tests::dashboard::missing(
+        &board,
+        baton_tests::dashboard::Exporter::Notifier,
+        &exported,
+    );
+    ensure!(
+        missing.is_empty(),
+        "the dashboard reads metrics the notifier does not export: {missing:?}\nit exports: {exported:?}"
+    );
     Ok(())
 }
 
