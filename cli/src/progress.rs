@@ -106,6 +106,9 @@ impl Wording for Progress {
                 Some(Hold::Promotion { .. }) => {
                     format!("waiting for a person to promote (baton promote {rid})")
                 }
+                Some(Hold::Inconclusive { step, reason }) => format!(
+                    "the analysis of step {step} gave no verdict ({reason}): baton promote {rid} takes the step as passed, baton abort {rid} rolls it back"
+                ),
                 Some(Hold::Timed {
                     step,
                     seconds,

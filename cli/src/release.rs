@@ -562,6 +562,10 @@ pub fn describe(event: &Event) -> String {
             a.reason,
             failed(&a.measurements)
         ),
+        Payload::AnalysisInconclusive(a) => format!(
+            "step {}: no verdict, held for a person (baton promote / baton abort): {}",
+            a.step, a.reason
+        ),
         Payload::RollbackStarted(r) if r.to_image.is_empty() => r.reason.clone(),
         Payload::RollbackStarted(r) => format!(
             "to revision {} ({}): {}",
@@ -859,6 +863,9 @@ fn hold_json(hold: &Hold, now_ms: i64) -> serde_json::Value {
             v["by"] = by.clone().into();
             v["reason"] = reason.clone().into();
             v["since"] = time_text(*since_ms).into();
+        }
+        Hold::Inconclusive { reason, .. } => {
+            v["reason"] = reason.clone().into();
         }
         Hold::Promotion { .. } => {}
     }

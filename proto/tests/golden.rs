@@ -275,6 +275,14 @@ fn samples() -> Vec<(&'static str, Payload)> {
             }),
         ),
         (
+            "analysis.inconclusive",
+            Payload::AnalysisInconclusive(AnalysisInconclusive {
+                step: 1,
+                measurements: measurements(),
+                reason: "error-rate: 5 errors in a row".into(),
+            }),
+        ),
+        (
             "rollback.started",
             Payload::RollbackStarted(RollbackStarted {
                 reason: "analysis failed".into(),
@@ -340,7 +348,7 @@ fn every_payload_type_has_a_fixture_that_decodes_to_the_same_message() {
     let samples = samples();
     assert_eq!(
         samples.len(),
-        26,
+        27,
         "one fixture per event type of the contract"
     );
     for (name, payload) in samples {

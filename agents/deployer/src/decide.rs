@@ -29,6 +29,9 @@ pub enum Next {
     },
     /// A timed pause is over (publish `release.resumed`).
     EndGate { step: u32 },
+    /// The step's analysis gave no verdict: hold for a person (publish `release.paused`), who
+    /// promotes (the step counts as passed) or aborts.
+    HoldInconclusive { step: u32 },
     /// The last step's analysis passed: complete the release.
     Complete,
 }
@@ -65,7 +68,17 @@ pub fn next(state: &ReleaseState, now_ms: i64) -> Next {
                 last: i == last,
             };
         }
-        if !state.analyses_passed.contains(&i) && baton_core::control::analysed(spec, i) {
+        if !state.analyses_passed.contains(&i)
+            && !state.analyses_accepted.contains(&i)
+            && baton_core::control::analysed(spec, i)
+        {
+            if state.analyses_inconclusive.contains(&i) {
+                return if state.is_paused_at(i) {
+                    Next::Wait("the analysis was inconclusive: waiting for a person")
+                } else {
+                    Next::HoldInconclusive { step: i }
+                };
+            }
             return Next::Wait("waiting for the analysis of the step");
         }
         if i == last {
@@ -304,6 +317,34 @@ mod tests {
                 step: 1,
                 until_promoted: true,
                 seconds: 0
+            }
+        );
+    }
+
+    #[test]
+    fn an_inconclusive_analysis_holds_for_a_person_who_may_let_the_step_go_on() {
+        let mut s = state(Strategy::Canary);
+        s.steps_started.insert(0, 10);
+        s.steps_ready.insert(0);
+        s.analyses_inconclusive.insert(0);
+        assert_eq!(next(&s, 0), Next::HoldInconclusive { step: 0 });
+        // Held: the deployer published release.paused for the step.
+        s.pauses = 1;
+        s.step_pauses.insert(0, 1);
+        assert_eq!(
+            next(&s, 0),
+            Next::Wait("the analysis was inconclusive: waiting for a person")
+        );
+        // Promoted: release.resumed of the step, after the verdict-less analysis.
+        s.resumes = 1;
+        s.step_resumes.insert(0, 1);
+        s.analyses_accepted.insert(0);
+        assert_eq!(
+            next(&s, 0),
+            Next::Step {
+                step: 1,
+                weight: 50,
+                last: false
             }
         );
     }

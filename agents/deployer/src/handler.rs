@@ -140,7 +140,9 @@ impl Deployer {
         match d.event.event_type {
             EventType::ReleaseRequested => self.on_requested(ctx, &d, &events, state).await,
             // Each of these may let the release go further: drive it as far as it goes now.
-            EventType::BuildSucceeded | EventType::AnalysisPassed => {
+            EventType::BuildSucceeded
+            | EventType::AnalysisPassed
+            | EventType::AnalysisInconclusive => {
                 if self.lock_for(ctx, d.subject.release_id, &state).await? == Lock::Held {
                     return self.drive(ctx, &d.subject, &d.event, &events, state).await;
                 }
@@ -448,6 +450,25 @@ impl Deployer {
                         Payload::ReleasePaused(ReleasePaused {
                             step,
                             reason,
+                            gate: true,
+                        }),
+                    )
+                    .await?;
+                }
+                Next::HoldInconclusive { step } => {
+                    let why = state
+                        .inconclusive_reasons
+                        .get(&step)
+                        .map_or("no verdict", String::as_str);
+                    ctx.emit_for(
+                        subject,
+                        cause,
+                        EventKey::Named(&format!("inconclusive-{step}")),
+                        Payload::ReleasePaused(ReleasePaused {
+                            step,
+                            reason: format!(
+                                "the analysis of step {step} was inconclusive ({why}): waiting for a person (baton promote goes on, baton abort rolls back)"
+                            ),
                             gate: true,
                         }),
                     )

@@ -88,6 +88,11 @@ pub fn decide(state: &ReleaseState, step: u32, cluster: &str) -> Decision {
     if state.analyses_failed.contains(&step) {
         return Decision::Skip(format!("step {step} already failed its analysis"));
     }
+    if state.analyses_inconclusive.contains(&step) {
+        return Decision::Skip(format!(
+            "step {step}'s analysis was inconclusive: a person decides"
+        ));
+    }
     if let Some(terminal) = state.terminal {
         return Decision::Skip(format!("the release has ended ({terminal})"));
     }
@@ -1186,6 +1191,12 @@ pub enum Verdict {
     Inconclusive {
         reason: String,
     },
+    /// A metric check ran past its error limit with `on_error: inconclusive`: no verdict, and a
+    /// person decides (`analysis.inconclusive`).
+    Undecided {
+        measurements: Vec<Measurement>,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -1300,10 +1311,33 @@ impl Tally {
                 ),
             };
         }
+        let reason = failed.then(|| self.reason());
+        let measurements = self.assembled(step, !failed, reason.as_deref().unwrap_or_default());
+        match reason {
+            Some(reason) => Verdict::Failed {
+                measurements,
+                reason,
+            },
+            None => Verdict::Passed { measurements },
+        }
+    }
+
+    /// No verdict: a metric check could not be judged (`reason`); what was measured so far.
+    pub fn undecided(self, step: u32, reason: String) -> Verdict {
+        let measurements = self.assembled(step, true, &reason);
+        Verdict::Undecided {
+            measurements,
+            reason,
+        }
+    }
+
+    /// The rounds' summary and one measurement per (check, target, unit), failing ones first,
+    /// within the verdict's size.
+    fn assembled(self, step: u32, ok: bool, reason: &str) -> Vec<Measurement> {
         let summary = measurement(
             "analysis",
             "rounds".into(),
-            !failed,
+            ok,
             f64::from(self.rounds_run),
             "rounds",
             format!(
@@ -1311,7 +1345,6 @@ impl Tally {
                 self.rounds_run, self.total_rounds, self.failed_rounds, self.settings.failure_limit
             ),
         );
-        let reason = failed.then(|| self.reason());
         // Failing entries first, so the cap never drops why it failed.
         let (bad, good): (Vec<Entry>, Vec<Entry>) =
             self.entries.into_iter().partition(|e| e.failed > 0);
@@ -1339,17 +1372,10 @@ impl Tally {
             .encoded_len()
                 <= MAX_VERDICT_BYTES
         };
-        while measurements.len() > 1 && !fits(&measurements, reason.as_deref().unwrap_or_default())
-        {
+        while measurements.len() > 1 && !fits(&measurements, reason) {
             measurements.pop();
         }
-        match reason {
-            Some(reason) => Verdict::Failed {
-                measurements,
-                reason,
-            },
-            None => Verdict::Passed { measurements },
-        }
+        measurements
     }
 
     fn reason(&self) -> String {

@@ -973,7 +973,9 @@ fn failed_rounds_beyond_the_limit_fail_at_once() {
                 );
                 (measurements, true)
             }
-            Verdict::Inconclusive { reason } => panic!("inconclusive: {reason}"),
+            Verdict::Inconclusive { reason } | Verdict::Undecided { reason, .. } => {
+                panic!("inconclusive: {reason}")
+            }
         };
         assert_eq!(failed_now, failed, "limit {limit}, {rounds:?}");
         // The summary, then one per target however many rounds ran, the failing one first.
@@ -1285,4 +1287,25 @@ fn a_query_s_variables_come_from_the_release_and_its_step() {
     }];
     let ctx = ReleaseContext::new(&green, "r-1", 0, &pods, Duration::from_secs(30));
     assert_eq!(ctx.query("{{track}} {{window}}"), "green 30s");
+}
+
+#[test]
+fn an_undecided_analysis_keeps_what_it_measured() {
+    let mut tally = Tally::new(settings(4, 0));
+    tally.record(vec![m("health", "a", true)], None);
+    tally.record(vec![m("error-rate", "prometheus", false)], None);
+    match tally.undecided(2, "error-rate: 5 errors in a row".into()) {
+        Verdict::Undecided {
+            measurements,
+            reason,
+        } => {
+            assert_eq!(reason, "error-rate: 5 errors in a row");
+            assert_eq!(measurements[0].unit, "rounds");
+            assert!(measurements
+                .iter()
+                .any(|m| m.check == "error-rate" && !m.ok));
+            assert!(measurements.iter().any(|m| m.check == "health" && m.ok));
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use baton_core::ids::EventKey;
 use baton_core::runtime::{AgentContext, Delivery, Handled, Handler, HandlerError};
 use baton_proto::v1::{
-    envelope::Payload, AnalysisFailed, AnalysisPassed, AnalysisStarted, Measurement,
+    envelope::Payload, AnalysisFailed, AnalysisInconclusive, AnalysisPassed, AnalysisStarted,
+    Measurement,
 };
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -213,7 +214,10 @@ impl HealthChecker {
         // Another instance may have judged the step meanwhile (a redelivery racing this run):
         // one verdict per step.
         let (_, state) = ctx.release_state(release_id).await?;
-        if state.analyses_passed.contains(&step) || state.analyses_failed.contains(&step) {
+        if state.analyses_passed.contains(&step)
+            || state.analyses_failed.contains(&step)
+            || state.analyses_inconclusive.contains(&step)
+        {
             tracing::info!(
                 step,
                 "the step was judged meanwhile; publishing no second verdict"
@@ -251,6 +255,22 @@ impl HealthChecker {
                     "inconclusive",
                     format!("analysis of step {step} is inconclusive: {reason}"),
                 ));
+            }
+            Verdict::Undecided {
+                measurements,
+                reason,
+            } => {
+                tracing::warn!(step, %reason, "analysis inconclusive; the release holds for a person");
+                ctx.emit(
+                    &delivery,
+                    EventKey::Step(step),
+                    Payload::AnalysisInconclusive(AnalysisInconclusive {
+                        step,
+                        measurements,
+                        reason,
+                    }),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -296,7 +316,8 @@ impl HealthChecker {
             }
             if let Some(reason) = inconclusive {
                 tracing::warn!(step = run.step, %reason, "a metric check is inconclusive; no verdict");
-                return Ok(Verdict::Inconclusive { reason });
+                tally.record(measurements, cluster_error);
+                return Ok(tally.undecided(run.step, reason));
             }
             let outcome = tally.record(measurements, cluster_error);
             tracing::debug!(step = run.step, round = round + 1, ?outcome, "round done");

@@ -152,6 +152,13 @@ pub fn observe(
                 }
             }
         }
+        Some(Payload::AnalysisInconclusive(a)) => {
+            if let Some(&start) = clocks.analysis_started_ms.get(&a.step) {
+                if clocks.analyses_measured.insert(a.step) {
+                    emit(Timing::Analysis, "inconclusive", start, time);
+                }
+            }
+        }
         Some(Payload::RollbackCompleted(_)) => {
             clocks.rollback_completed_ms =
                 Some(clocks.rollback_completed_ms.map_or(time, |t| t.min(time)));

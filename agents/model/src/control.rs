@@ -129,6 +129,9 @@ impl Command {
 pub enum Hold {
     /// A pause-until-promoted step of the strategy: a person must promote.
     Promotion { step: u32 },
+    /// The step's analysis gave no verdict: a person promotes (the step counts as passed) or
+    /// aborts.
+    Inconclusive { step: u32, reason: String },
     /// A timed pause of the strategy after a step; it ends by itself at `until_ms`.
     Timed {
         step: u32,
@@ -147,9 +150,10 @@ pub enum Hold {
 impl Hold {
     pub fn step(&self) -> u32 {
         match self {
-            Hold::Promotion { step } | Hold::Timed { step, .. } | Hold::Person { step, .. } => {
-                *step
-            }
+            Hold::Promotion { step }
+            | Hold::Inconclusive { step, .. }
+            | Hold::Timed { step, .. }
+            | Hold::Person { step, .. } => *step,
         }
     }
 
@@ -162,6 +166,7 @@ impl Hold {
     pub fn kind(&self) -> &'static str {
         match self {
             Hold::Promotion { .. } => "until_promoted",
+            Hold::Inconclusive { .. } => "inconclusive",
             Hold::Timed { .. } => "timed",
             Hold::Person { .. } => "person",
         }
@@ -307,6 +312,16 @@ fn hold(
         .unwrap_or(0);
     let def = plan.get(step as usize).copied().unwrap_or(StepDef::at(0));
     let (reason, by, since_ms) = pauses.get(&step).cloned().unwrap_or_default();
+    if state.awaits_judgement(step) {
+        return Some(Hold::Inconclusive {
+            step,
+            reason: state
+                .inconclusive_reasons
+                .get(&step)
+                .cloned()
+                .unwrap_or_default(),
+        });
+    }
     if !reason.starts_with(PERSON_PAUSE) {
         if def.until_promoted {
             return Some(Hold::Promotion { step });
@@ -402,6 +417,10 @@ pub fn check(command: Command, p: &Progress) -> Result<(), String> {
     if command == Command::Abort {
         return Ok(());
     }
+    // A verdict-less analysis holds any step, the last one of a rolling update included.
+    if let (Command::Promote { .. }, Some(Hold::Inconclusive { .. })) = (command, &p.hold) {
+        return Ok(());
+    }
     let strategy = s.spec.as_ref().map(strategy).unwrap_or(Strategy::Rolling);
     if strategy == Strategy::Rolling && command != Command::Resume {
         return Err(match command {
@@ -424,6 +443,9 @@ pub fn check(command: Command, p: &Progress) -> Result<(), String> {
                 let why = match hold {
                     Hold::Person { reason, .. } => reason.clone(),
                     Hold::Promotion { .. } => "waiting for a person to promote".into(),
+                    Hold::Inconclusive { reason, .. } => {
+                        format!("its analysis gave no verdict: {reason}")
+                    }
                     Hold::Timed { seconds, .. } => {
                         format!("a pause of {}", seconds_text(i64::from(*seconds)))
                     }
@@ -450,6 +472,9 @@ pub fn check(command: Command, p: &Progress) -> Result<(), String> {
                 seconds_text(i64::from(*seconds))
             )),
             Some(Hold::Person { .. }) => Ok(()),
+            Some(Hold::Inconclusive { step, .. }) => Err(format!(
+                "release {rid} waits at step {step} for a person to judge its inconclusive analysis: baton promote {rid} takes it as passed, baton abort {rid} rolls it back"
+            )),
         },
         Command::Promote { full } => {
             if !s.deploy_started {

@@ -173,7 +173,12 @@ pub fn deadline(state: &ReleaseState) -> Deadline {
             format!("step {step} to be ready"),
         );
     }
-    if analysed(spec, step) && !state.analyses_passed.contains(&step) {
+    if analysed(spec, step)
+        && !state.analyses_passed.contains(&step)
+        && !state.analyses_accepted.contains(&step)
+        // Held for a person once the deployer has paused it; until then the deployer is next.
+        && !state.analyses_inconclusive.contains(&step)
+    {
         let (duration, interval) = analysis_ms(spec, step);
         return at(
             duration + interval,
@@ -185,7 +190,9 @@ pub fn deadline(state: &ReleaseState) -> Deadline {
         let timed_gate = state.gate_steps.contains(&step)
             && def.is_some_and(|d| !d.until_promoted && d.pause_seconds > 0)
             // A person's pause on top of the gate holds it.
-            && state.step_pauses.get(&step).copied().unwrap_or(0) <= 1;
+            && state.step_pauses.get(&step).copied().unwrap_or(0) <= 1
+            // So does a verdict-less analysis, until a person judges it.
+            && !state.awaits_judgement(step);
         if timed_gate {
             let seconds = def.map_or(0, |d| i64::from(d.pause_seconds));
             let paused_at = state.first_pause_ms.get(&step).copied().unwrap_or(since);

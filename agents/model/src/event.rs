@@ -129,6 +129,7 @@ event_types! {
     AnalysisStarted => "analysis.started", AnalysisStarted, HealthChecker;
     AnalysisPassed => "analysis.passed", AnalysisPassed, HealthChecker;
     AnalysisFailed => "analysis.failed", AnalysisFailed, HealthChecker;
+    AnalysisInconclusive => "analysis.inconclusive", AnalysisInconclusive, HealthChecker;
     RollbackStarted => "rollback.started", RollbackStarted, Rollback;
     RollbackCompleted => "rollback.completed", RollbackCompleted, Rollback;
     RollbackFailed => "rollback.failed", RollbackFailed, Rollback;
@@ -344,7 +345,7 @@ mod tests {
         for t in EventType::ALL {
             assert_eq!(t.as_str().parse::<EventType>(), Ok(*t));
         }
-        assert_eq!(EventType::ALL.len(), 26);
+        assert_eq!(EventType::ALL.len(), 27);
         assert!("release.exploded".parse::<EventType>().is_err());
     }
 

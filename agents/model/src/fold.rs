@@ -104,6 +104,13 @@ pub struct ReleaseState {
     pub analyses_started: BTreeSet<u32>,
     pub analyses_passed: BTreeSet<u32>,
     pub analyses_failed: BTreeSet<u32>,
+    /// Steps whose analysis gave no verdict (`analysis.inconclusive`): held for a person.
+    pub analyses_inconclusive: BTreeSet<u32>,
+    /// Why each of those gave no verdict.
+    pub inconclusive_reasons: BTreeMap<u32, String>,
+    /// Inconclusive steps a person then let go on (`release.resumed` of the step after it): their
+    /// analysis counts as passed.
+    pub analyses_accepted: BTreeSet<u32>,
     pub deploy_completed: bool,
     /// The cluster was changed by this release (so a rollback has something to undo).
     pub cluster_changed: bool,
@@ -260,6 +267,9 @@ impl ReleaseState {
                 }
             }
             Payload::ReleaseResumed(r) => {
+                if self.analyses_inconclusive.contains(&r.step) {
+                    self.analyses_accepted.insert(r.step);
+                }
                 self.resumes += 1;
                 *self.step_resumes.entry(r.step).or_default() += 1;
                 if let Some(t) = time {
@@ -271,6 +281,12 @@ impl ReleaseState {
             }
             Payload::AnalysisPassed(a) => {
                 self.analyses_passed.insert(a.step);
+            }
+            Payload::AnalysisInconclusive(a) => {
+                self.analyses_inconclusive.insert(a.step);
+                self.inconclusive_reasons
+                    .entry(a.step)
+                    .or_insert_with(|| a.reason.clone());
             }
             Payload::AnalysisFailed(a) => {
                 self.analyses_failed.insert(a.step);
@@ -346,6 +362,11 @@ impl ReleaseState {
 
     pub fn is_paused(&self) -> bool {
         self.pauses > self.resumes
+    }
+
+    /// Whether `step`'s analysis gave no verdict and no person has judged it yet.
+    pub fn awaits_judgement(&self, step: u32) -> bool {
+        self.analyses_inconclusive.contains(&step) && !self.analyses_accepted.contains(&step)
     }
 
     /// Whether `step` has a pause not yet answered by a resume.

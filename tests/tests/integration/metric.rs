@@ -19,6 +19,7 @@ pub fn trials() -> Vec<Trial> {
         a_healthy_canary_is_promoted_on_its_error_rate,
         a_canary_failing_a_share_of_requests_is_rolled_back_on_its_error_rate_while_its_health_checks_pass,
         prometheus_stopped_mid_analysis_fails_the_step_as_configured,
+        an_inconclusive_analysis_holds_the_release_for_a_person_who_promotes_or_aborts,
         a_webhook_is_sent_the_release_and_its_answer_decides_the_step,
     ]
 }
@@ -224,6 +225,125 @@ async fn prometheus_stopped_mid_analysis_fails_the_step_as_configured() -> Resul
             && reason.contains("errors in a row, more than the limit of 8")
             && reason.contains("cannot connect"),
         "the analysis failed for another reason: {reason}"
+    );
+    Ok(())
+}
+
+async fn an_inconclusive_analysis_holds_the_release_for_a_person_who_promotes_or_aborts(
+) -> Result<()> {
+    // A Prometheus that never answers (nothing listens there), and `on_error: inconclusive`:
+    // past 2 errors in a row each step's analysis ends without a verdict.
+    let baton = Baton::start("prom-inconclusive").await?;
+    let gone = format!("http://127.0.0.1:{}", baton_sandbox::process::free_port()?);
+    baton
+        .apply_config(&canary_config(
+            &baton.ns.name,
+            "{duration: 30s, interval: 1s, failure_limit: 0}",
+            &format!(
+                r#"  - name: health
+    http: {{path: /health, retries: 10, interval: 100ms}}
+  - name: error-rate
+    prometheus:
+      address: {gone}
+      query: '{ERROR_RATE}'
+      condition: result < 0.1
+      error_limit: 2
+      on_error: inconclusive"#
+            ),
+        ))
+        .await?;
+    let (image, _) = baton.push("v2", &[("BATON_SIM_HEALTH", "ok")]).await?;
+    let rid = baton.release_of("web", &image, &[]).await?;
+    let id = rid.to_string();
+    let held = |n: usize| {
+        let baton = &baton;
+        async move {
+            baton_tests::eventually(&format!("hold {n} of {rid}"), END, || async move {
+                let events = baton.events(rid).await?;
+                let paused = events
+                    .iter()
+                    .filter(|e| e.event_type == EventType::ReleasePaused)
+                    .count();
+                Ok((paused >= n).then_some(events))
+            })
+            .await
+        }
+    };
+
+    // Step 0 (50%): no verdict, so the release holds — no deadline ends it, no rollback.
+    let events = held(1).await?;
+    let inconclusive: Vec<(u32, String)> = events
+        .iter()
+        .filter_map(|e| match e.payload() {
+            Some(Payload::AnalysisInconclusive(a)) => Some((a.step, a.reason.clone())),
+            _ => None,
+        })
+        .collect();
+    ensure!(
+        inconclusive.len() == 1 && inconclusive[0].0 == 0,
+        "{inconclusive:?}"
+    );
+    ensure!(
+        inconclusive[0].1.contains("error-rate") && inconclusive[0].1.contains("cannot connect"),
+        "{inconclusive:?}"
+    );
+    ensure!(
+        !events
+            .iter()
+            .any(|e| e.event_type == EventType::AnalysisFailed
+                || e.event_type == EventType::RollbackStarted),
+        "an inconclusive analysis failed the release"
+    );
+    let out = baton.baton(&["status", &id, "--output", "json"]).await?;
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        s["status"] == "paused" && s["hold"]["kind"] == "inconclusive",
+        "{s}"
+    );
+    ensure!(
+        s["waiting_for"]
+            .as_str()
+            .unwrap_or("")
+            .contains("baton promote"),
+        "{s}"
+    );
+    // A person's `resume` is pointed at promote or abort.
+    let out = baton.baton(&["resume", &id]).await?;
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("inconclusive analysis"),
+        "resume: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Promoted: step 0 counts as passed and step 1 (100%) starts; its analysis is inconclusive
+    // too (Prometheus is still gone), and this time the person aborts.
+    let out = baton.baton(&["promote", &id]).await?;
+    ensure!(
+        out.status.success(),
+        "promote: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = held(2).await?;
+    ensure!(
+        events
+            .iter()
+            .any(|e| matches!(e.payload(), Some(Payload::DeployStepReady(r)) if r.step == 1)),
+        "step 1 did not start after the promotion"
+    );
+    let out = baton
+        .baton(&["abort", &id, "--reason", "no metrics, no release"])
+        .await?;
+    ensure!(
+        out.status.success(),
+        "abort: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = baton.wait_for_end(rid, END).await?;
+    let last = events.last().map(|e| e.event_type);
+    ensure!(
+        last == Some(EventType::ReleaseRolledBack),
+        "the aborted release ended with {last:?}"
     );
     Ok(())
 }
