@@ -219,15 +219,18 @@ impl Command {
     }
 }
 
+/// A request header as text (empty when absent or not text).
+fn header_text(headers: &axum::http::HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// One line for a notification a webhook received.
 fn sink_line(path: &str, headers: &axum::http::HeaderMap, body: &[u8]) -> String {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let header = |name: &str| header_text(headers, name);
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
     let what = match headers.get("ce-type") {
@@ -254,13 +257,7 @@ fn sink_line(path: &str, headers: &axum::http::HeaderMap, body: &[u8]) -> String
 
 /// A notification as one JSON line, with how long after its event it arrived.
 fn sink_json(path: &str, headers: &axum::http::HeaderMap) -> String {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let header = |name: &str| header_text(headers, name);
     let received_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);

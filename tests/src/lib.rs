@@ -322,3 +322,48 @@ pub fn sample_spec(env: &str, app: &str, image: &str) -> baton_proto::v1::Releas
         ..Default::default()
     }
 }
+
+/// A dead letter as stored (`baton.v1.dlq.<agent>`): its reason and where the original came from.
+pub struct DeadLetter {
+    pub reason: String,
+    pub original_subject: String,
+    pub payload_len: usize,
+}
+
+/// The first `count` dead letters of `agent`, in order (an error when fewer arrive).
+pub async fn dead_letters(
+    js: &async_nats::jetstream::Context,
+    agent: &str,
+    count: usize,
+) -> Result<Vec<DeadLetter>> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let stream = js.get_stream("BATON_DLQ").await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("baton.v1.dlq.{agent}"),
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    while out.len() < count {
+        let m = tokio::time::timeout(Duration::from_secs(60), messages.next())
+            .await
+            .with_context(|| format!("only {} of {count} dead letters arrived", out.len()))?
+            .context("dead letter stream ended")??;
+        let header = |name: &str| {
+            m.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        out.push(DeadLetter {
+            reason: header("Baton-Dlq-Reason"),
+            original_subject: header("Baton-Original-Subject"),
+            payload_len: m.payload.len(),
+        });
+    }
+    Ok(out)
+}

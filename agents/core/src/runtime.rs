@@ -508,7 +508,9 @@ impl Executor {
         let delivery = match &job.work {
             Work::Valid(d) => (**d).clone(),
             Work::Invalid { reason, delivered } => {
-                dead_letter(&ctx, &durable, &job.message, "invalid", reason, *delivered).await;
+                ctx.dead_letters()
+                    .send(&durable, &job.message, "invalid", reason, *delivered)
+                    .await;
                 return;
             }
         };
@@ -645,15 +647,10 @@ async fn settle(
             match e {
                 HandlerError::Retry { reason, .. } if last_delivery => {
                     let reason = format!("gave up after {delivered} deliveries: {reason}");
-                    if dead_letter(
-                        ctx,
-                        durable,
-                        message,
-                        "retries_exhausted",
-                        &reason,
-                        delivered,
-                    )
-                    .await
+                    if ctx
+                        .dead_letters()
+                        .send(durable, message, "retries_exhausted", &reason, delivered)
+                        .await
                     {
                         handler
                             .on_dead_letter(ctx, delivery, category, &reason)
@@ -668,7 +665,11 @@ async fn settle(
                 }
                 HandlerError::Permanent { reason, .. } => {
                     tracing::warn!(%reason, "handler refused the event");
-                    if dead_letter(ctx, durable, message, "rejected", &reason, delivered).await {
+                    if ctx
+                        .dead_letters()
+                        .send(durable, message, "rejected", &reason, delivered)
+                        .await
+                    {
                         handler
                             .on_dead_letter(ctx, delivery, category, &reason)
                             .await;
@@ -687,7 +688,11 @@ async fn settle(
             tracing::error!(%reason, "handler did not finish");
             if last_delivery {
                 let reason = format!("gave up after {delivered} deliveries: {reason}");
-                if dead_letter(ctx, durable, message, "panicked", &reason, delivered).await {
+                if ctx
+                    .dead_letters()
+                    .send(durable, message, "panicked", &reason, delivered)
+                    .await
+                {
                     handler
                         .on_dead_letter(ctx, delivery, "panicked", &reason)
                         .await;
@@ -817,31 +822,22 @@ async fn consume(executor: &Executor, def: &ConsumerDef, failures: &mut u32) -> 
     }
 }
 
-/// Publishes a message to the agent's dead-letter subject with the reason, then terminates it.
-/// If the dead letter cannot be stored, the original is nak'ed instead, so it is never lost.
-/// True when the dead letter is stored.
-async fn dead_letter(
-    ctx: &AgentContext,
-    durable: &str,
-    message: &jetstream::Message,
-    kind: &str,
-    reason: &str,
-    delivered: i64,
-) -> bool {
-    let dlq = DeadLetters {
-        role: ctx.role,
-        bus: &ctx.bus,
-        metrics: &ctx.metrics,
-    };
-    dlq.send(durable, message, kind, reason, delivered).await
-}
-
-/// Where an agent's dead letters go: for parts of an agent that consume outside the event
-/// runtime (the notifier's outbox).
+/// Where an agent's dead letters go (`baton.v1.dlq.<agent>`): the runtime's, and those of parts
+/// of an agent that consume outside it (the notifier's outbox).
 pub struct DeadLetters<'a> {
     pub role: Role,
     pub bus: &'a Bus,
     pub metrics: &'a Metrics,
+}
+
+impl AgentContext {
+    pub fn dead_letters(&self) -> DeadLetters<'_> {
+        DeadLetters {
+            role: self.role,
+            bus: &self.bus,
+            metrics: &self.metrics,
+        }
+    }
 }
 
 impl DeadLetters<'_> {
@@ -856,71 +852,60 @@ impl DeadLetters<'_> {
         reason: &str,
         delivered: i64,
     ) -> bool {
-        dead_letter_to(self, durable, message, kind, reason, delivered).await
-    }
-}
-
-async fn dead_letter_to(
-    ctx: &DeadLetters<'_>,
-    durable: &str,
-    message: &jetstream::Message,
-    kind: &str,
-    reason: &str,
-    delivered: i64,
-) -> bool {
-    let info = message.info().ok();
-    let (stream, sequence) = info
-        .as_ref()
-        .map(|i| (i.stream.to_owned(), i.stream_sequence))
-        .unwrap_or_default();
-    let mut headers = HeaderMap::new();
-    headers.insert("Baton-Dlq-Reason", header_value(reason).as_str());
-    headers.insert("Baton-Dlq-Kind", kind);
-    headers.insert("Baton-Dlq-Agent", ctx.role.as_str());
-    headers.insert("Baton-Dlq-Consumer", durable);
-    headers.insert(
-        "Baton-Original-Subject",
-        header_value(&message.subject).as_str(),
-    );
-    headers.insert("Baton-Original-Stream", stream.as_str());
-    headers.insert("Baton-Original-Sequence", sequence.to_string().as_str());
-    headers.insert("Baton-Delivered", delivered.to_string().as_str());
-    let mut payload = message.payload.clone();
-    if payload.len() > DLQ_MAX_ORIGINAL {
-        headers.insert("Baton-Original-Size", payload.len().to_string().as_str());
-        payload = payload.slice(..DLQ_MAX_ORIGINAL);
-    }
-    let dlq_subject = subject::dlq(ctx.role);
-    let publish = PublishMessage::build()
-        .payload(payload)
-        .headers(headers)
-        .message_id(format!("dlq:{durable}:{stream}:{sequence}"));
-    match ctx.bus.publish_raw(&dlq_subject, publish).await {
-        Ok(_) => {
-            ctx.metrics.inc(
-                names::DEAD_LETTERS,
-                &[("consumer", durable), ("kind", kind)],
-            );
-            ctx.metrics.inc(
-                names::EVENTS_HANDLED,
-                &[("consumer", durable), ("outcome", "dead_letter")],
-            );
-            tracing::warn!(dlq = %dlq_subject, %reason, "dead-lettered");
-            match tokio::time::timeout(ACK_TIMEOUT * 2, message.double_ack_with(AckKind::Term)).await {
+        let info = message.info().ok();
+        let (stream, sequence) = info
+            .as_ref()
+            .map(|i| (i.stream.to_owned(), i.stream_sequence))
+            .unwrap_or_default();
+        let mut headers = HeaderMap::new();
+        headers.insert("Baton-Dlq-Reason", header_value(reason).as_str());
+        headers.insert("Baton-Dlq-Kind", kind);
+        headers.insert("Baton-Dlq-Agent", self.role.as_str());
+        headers.insert("Baton-Dlq-Consumer", durable);
+        headers.insert(
+            "Baton-Original-Subject",
+            header_value(&message.subject).as_str(),
+        );
+        headers.insert("Baton-Original-Stream", stream.as_str());
+        headers.insert("Baton-Original-Sequence", sequence.to_string().as_str());
+        headers.insert("Baton-Delivered", delivered.to_string().as_str());
+        let mut payload = message.payload.clone();
+        if payload.len() > DLQ_MAX_ORIGINAL {
+            headers.insert("Baton-Original-Size", payload.len().to_string().as_str());
+            payload = payload.slice(..DLQ_MAX_ORIGINAL);
+        }
+        let dlq_subject = subject::dlq(self.role);
+        let publish = PublishMessage::build()
+            .payload(payload)
+            .headers(headers)
+            .message_id(format!("dlq:{durable}:{stream}:{sequence}"));
+        match self.bus.publish_raw(&dlq_subject, publish).await {
+            Ok(_) => {
+                self.metrics.inc(
+                    names::DEAD_LETTERS,
+                    &[("consumer", durable), ("kind", kind)],
+                );
+                self.metrics.inc(
+                    names::EVENTS_HANDLED,
+                    &[("consumer", durable), ("outcome", "dead_letter")],
+                );
+                tracing::warn!(dlq = %dlq_subject, %reason, "dead-lettered");
+                match tokio::time::timeout(ACK_TIMEOUT * 2, message.double_ack_with(AckKind::Term)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "term failed after dead-lettering; a redelivery will be dead-lettered again (same id)"),
                 Err(_) => tracing::warn!("term timed out after dead-lettering; a redelivery will be dead-lettered again (same id)"),
             }
-            true
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot store the dead letter; returning the message for redelivery");
-            send_ack(
-                message,
-                AckKind::Nak(Some(crate::retry::redelivery_delay(delivered))),
-            )
-            .await;
-            false
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store the dead letter; returning the message for redelivery");
+                send_ack(
+                    message,
+                    AckKind::Nak(Some(crate::retry::redelivery_delay(delivered))),
+                )
+                .await;
+                false
+            }
         }
     }
 }

@@ -1352,10 +1352,36 @@ impl Walk {
         what: &str,
         defined: &BTreeSet<String>,
     ) -> Vec<String> {
+        self.choices(path, v, what, &format!("{what} names"), |name| {
+            if defined.contains(name) {
+                Ok(name.to_owned())
+            } else {
+                Err(format!(
+                    "names {what} {name:?}, which is not defined (defined: {})",
+                    known(defined.iter())
+                ))
+            }
+        })
+    }
+
+    fn triggers(&mut self, path: &str, v: &Value) -> Vec<Trigger> {
+        self.choices(path, v, "trigger", "triggers", |t| t.parse::<Trigger>())
+    }
+
+    /// A non-empty list of strings, each made a `T` by `pick` (its error names what is wrong),
+    /// each once; `what` is one of them, `list_of` what the list holds.
+    fn choices<T: PartialEq>(
+        &mut self,
+        path: &str,
+        v: &Value,
+        what: &str,
+        list_of: &str,
+        pick: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
         let Value::Sequence(items) = v else {
             self.err(
                 path,
-                format!("must be a list of {what} names, not {}", describe(v)),
+                format!("must be a list of {list_of}, not {}", describe(v)),
             );
             return Vec::new();
         };
@@ -1368,42 +1394,8 @@ impl Walk {
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let p = format!("{path}[{i}]");
-            if let Some(name) = self.string(&p, item) {
-                if defined.contains(&name) {
-                    out.push(name);
-                } else {
-                    self.err(
-                        &p,
-                        format!(
-                            "names {what} {name:?}, which is not defined (defined: {})",
-                            known(defined.iter())
-                        ),
-                    );
-                }
-            }
-        }
-        out
-    }
-
-    fn triggers(&mut self, path: &str, v: &Value) -> Vec<Trigger> {
-        let Value::Sequence(items) = v else {
-            self.err(
-                path,
-                format!("must be a list of triggers, not {}", describe(v)),
-            );
-            return Vec::new();
-        };
-        if items.is_empty() {
-            self.err(
-                path,
-                "lists no trigger: leave the field out for every trigger",
-            );
-        }
-        let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
-            if let Some(t) = self.string(&p, item) {
-                match t.parse::<Trigger>() {
+            if let Some(text) = self.string(&p, item) {
+                match pick(&text) {
                     Ok(t) if !out.contains(&t) => out.push(t),
                     Ok(_) => {}
                     Err(e) => self.err(&p, e),

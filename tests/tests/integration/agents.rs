@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use baton_core::event::{Event, EventType};
 use baton_core::ids::EventKey;
 use baton_core::names::ReleaseId;
 use baton_proto::v1::{envelope::Payload, *};
 use baton_tests::harness::trial;
 use baton_tests::{sample_spec, AgentProcess, BusEnv};
-use futures::StreamExt;
 use libtest_mimic::Trial;
 use prost::Message;
 
@@ -29,48 +28,6 @@ fn source() -> Source {
         cluster: "test".into(),
         instance: "test".into(),
     }
-}
-
-/// A dead letter as stored: its reason and where the original came from.
-struct DeadLetter {
-    reason: String,
-    original_subject: String,
-    payload_len: usize,
-}
-
-async fn dead_letters(
-    js: &jetstream::Context,
-    agent: &str,
-    count: usize,
-) -> Result<Vec<DeadLetter>> {
-    let stream = js.get_stream("BATON_DLQ").await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("baton.v1.dlq.{agent}"),
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let mut out = Vec::new();
-    while out.len() < count {
-        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
-            .await
-            .with_context(|| format!("only {} of {count} dead letters arrived", out.len()))?
-            .context("dead letter stream ended")??;
-        let header = |name: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.to_string())
-                .unwrap_or_default()
-        };
-        out.push(DeadLetter {
-            reason: header("Baton-Dlq-Reason"),
-            original_subject: header("Baton-Original-Subject"),
-            payload_len: m.payload.len(),
-        });
-    }
-    Ok(out)
 }
 
 async fn bad_messages_land_in_the_dead_letter_subject_with_a_reason_while_the_agent_keeps_consuming(
@@ -147,7 +104,7 @@ async fn bad_messages_land_in_the_dead_letter_subject_with_a_reason_while_the_ag
     );
     publish(good.encode()).await?;
 
-    let letters = dead_letters(&js, "builder", 5).await?;
+    let letters = baton_tests::dead_letters(&js, "builder", 5).await?;
     let expected = [
         "not a protobuf envelope",
         "unknown event type",

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use baton_core::event::Event;
 use baton_core::notify::Trigger;
 use baton_tests::harness::trial;
 use baton_tests::release::{app_config, Baton};
 use baton_tests::{eventually, AgentProcess};
-use futures::StreamExt;
 use libtest_mimic::Trial;
 use serde_json::Value;
 
@@ -226,35 +225,6 @@ async fn start(prefix: &str, secrets: &[(&str, String)], notifications: &str) ->
     Ok(baton)
 }
 
-/// The notifier's dead letters (reason, original subject), `count` of them.
-async fn dead_letters(baton: &Baton, count: usize) -> Result<Vec<(String, String)>> {
-    let js = jetstream::new(baton.bus.sandbox.nats_client("cli").await?);
-    let stream = js.get_stream("BATON_DLQ").await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "baton.v1.dlq.notifier".into(),
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
-    let mut out = Vec::new();
-    while out.len() < count {
-        let m = tokio::time::timeout(Duration::from_secs(60), messages.next())
-            .await
-            .with_context(|| format!("only {} of {count} dead letters arrived", out.len()))?
-            .context("dead letter stream ended")??;
-        let header = |name: &str| {
-            m.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.to_string())
-                .unwrap_or_default()
-        };
-        out.push((header("Baton-Dlq-Reason"), header("Baton-Original-Subject")));
-    }
-    Ok(out)
-}
-
 async fn every_routed_event_reaches_its_channels_once_in_order_and_a_dead_receiver_holds_up_no_other(
 ) -> Result<()> {
     let receiver = Receiver::start(|s| {
@@ -440,14 +410,51 @@ async fn every_routed_event_reaches_its_channels_once_in_order_and_a_dead_receiv
     );
 
     // `down` never takes anything: each of its messages is dead-lettered, with the reason.
-    let dead = dead_letters(&baton, all.len()).await?;
-    for (reason, subject) in &dead {
+    let js = jetstream::new(baton.bus.sandbox.nats_client("cli").await?);
+    let dead = baton_tests::dead_letters(&js, "notifier", all.len()).await?;
+    for baton_tests::DeadLetter {
+        reason,
+        original_subject: subject,
+        ..
+    } in &dead
+    {
         ensure!(subject.starts_with("baton.v1.notify.down."), "{subject}");
         ensure!(
             reason.contains("channel down still failing") && reason.contains("HTTP 503"),
             "{reason}"
         );
     }
+    // What is not a notification, even on the outbox's subjects, is dead-lettered with the
+    // reason, and the receivers get nothing of it.
+    let outbox = jetstream::new(baton.bus.sandbox.nats_client("notifier").await?);
+    for (subject, payload) in [
+        (
+            baton_core::subject::notification("team", second),
+            "not json",
+        ),
+        (format!("baton.v1.notify.Not_A_Channel.{second}"), "{}"),
+    ] {
+        outbox
+            .publish(subject, bytes::Bytes::from_static(payload.as_bytes()))
+            .await?
+            .await?;
+    }
+    let letters = baton_tests::dead_letters(&js, "notifier", all.len() + 2).await?;
+    let reasons: Vec<&str> = letters[all.len()..]
+        .iter()
+        .map(|l| l.reason.as_str())
+        .collect();
+    ensure!(
+        reasons.iter().any(|r| r.starts_with("not a notification"))
+            && reasons
+                .iter()
+                .any(|r| r.contains("Not_A_Channel") && r.contains("not a notification subject")),
+        "{reasons:?}"
+    );
+    ensure!(
+        receiver.received("team").len() == all.len(),
+        "the garbage reached team"
+    );
     ensure!(
         receiver.received("elsewhere").is_empty(),
         "a route of another environment was told"
