@@ -492,7 +492,7 @@ pub async fn apply(
             map.entry("num_replicas")
                 .or_insert_with(|| Value::from(replicas));
         }
-        let action = apply_stream(js, name, &desired).await?;
+        let action = placed(|| apply_stream(js, name, &desired)).await?;
         report.changes.push(Change {
             kind: "stream",
             name: name.clone(),
@@ -508,7 +508,7 @@ pub async fn apply(
         });
     }
     for k in &defs.kv {
-        let action = apply_kv(js, k, k.replicas.unwrap_or(replicas)).await?;
+        let action = placed(|| apply_kv(js, k, k.replicas.unwrap_or(replicas))).await?;
         report.changes.push(Change {
             kind: "kv bucket",
             name: k.bucket.clone(),
@@ -516,7 +516,7 @@ pub async fn apply(
         });
     }
     for o in &defs.objects {
-        let action = apply_object_store(js, o, o.replicas.unwrap_or(replicas)).await?;
+        let action = placed(|| apply_object_store(js, o, o.replicas.unwrap_or(replicas))).await?;
         report.changes.push(Change {
             kind: "object store",
             name: o.bucket.clone(),
@@ -524,6 +524,33 @@ pub async fn apply(
         });
     }
     Ok(report)
+}
+
+/// How long `apply` waits for a cluster that cannot place replicas yet.
+const PLACEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs `apply` of one object again while the servers say "no suitable peers for placement"
+/// (JetStream 10005): a cluster just started has a meta leader before it knows every peer, so a
+/// replicated stream can't be placed for a moment (e.g. the bus-apply Job beside a starting
+/// StatefulSet). Each object's apply is idempotent; any other error is returned at once.
+async fn placed<F, Fut>(mut apply: F) -> Result<Action>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Action>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match apply().await {
+            Err(e)
+                if e.to_string().contains("no suitable peers for placement")
+                    && started.elapsed() < PLACEMENT_WAIT =>
+            {
+                tracing::info!(error = %e, "the cluster cannot place replicas yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn apply_stream(js: &jetstream::Context, name: &str, desired: &Value) -> Result<Action> {
