@@ -6,10 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
 
-use baton_core::bus::{Bus, NatsArgs, EVENTS_STREAM};
+use baton_core::bus::{Bus, NatsArgs};
 use baton_core::control::{self, Command, Progress};
 
 use crate::progress::Wording;
@@ -268,30 +266,17 @@ async fn answer(
         }
         _ => t == EventType::ReleaseResumed,
     };
-    let stream = bus
-        .jetstream()
-        .get_stream(EVENTS_STREAM)
+    let mut reader = bus
+        .follow_events(&subject::release_events(rid), after + 1)
         .await
-        .context("opening the event stream")?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject::release_events(rid),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
-            },
-            ..Default::default()
-        })
-        .await
-        .context("following the release")?;
-    let mut messages = consumer.messages().await.context("following the release")?;
+        .map_err(|e| anyhow!("following the release: {e}"))?;
     let wait = async {
         loop {
-            let m = messages
+            let m = reader
                 .next()
                 .await
-                .ok_or_else(|| anyhow!("the event stream ended"))?
-                .context("reading the event stream")?;
-            let Ok(s) = EventSubject::parse(&m.subject) else {
+                .map_err(|e| anyhow!("reading the event stream: {e}"))?;
+            let Ok(s) = EventSubject::parse(m.subject.as_str()) else {
                 continue;
             };
             let Ok(event) = Event::decode(&m.payload, Some(s.event_type), Some(&rid.to_string()))

@@ -25,7 +25,7 @@ pub struct ListArgs {
 pub async fn list(nats: &NatsArgs, args: ListArgs) -> anyhow::Result<()> {
     let bus = crate::connect(nats).await?;
     let store = bus.kv(LOCKS_BUCKET).await.context("opening the locks")?;
-    let open = lock::open_releases(&store)
+    let open = lock::open_releases(&bus, &store)
         .await
         .context("reading the open releases")?;
     let now = now_ms();

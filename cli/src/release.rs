@@ -4,10 +4,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
 
-use baton_core::bus::{Bus, NatsArgs, EVENTS_STREAM};
+use baton_core::bus::{Bus, NatsArgs};
 use baton_core::config::{self, store, Overrides};
 use baton_core::control::{Hold, Progress};
 
@@ -384,21 +382,12 @@ pub(crate) async fn follow(
     timeout: Duration,
     from: FollowFrom,
 ) -> anyhow::Result<ExitCode> {
-    let stream = bus
-        .jetstream()
-        .get_stream(EVENTS_STREAM)
+    let mut reader = bus
+        .follow_events(&subject::release_events(rid), 1)
         .await
-        .context("opening the event stream")?;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject::release_events(rid),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .context("following the release")?;
-    let mut messages = consumer.messages().await.context("following the release")?;
+        .map_err(|e| anyhow!("following the release: {e}"))?;
     let mut events: Vec<Event> = Vec::new();
+    let mut said = Said::default();
     let start = Instant::now();
     // A progress line once nothing has been printed for 10 s, then every 10 s.
     let mut last_printed = Instant::now();
@@ -406,11 +395,11 @@ pub(crate) async fn follow(
     ticker.tick().await;
     loop {
         tokio::select! {
-            m = messages.next() => {
-                let m = m.ok_or_else(|| anyhow!("the event stream ended"))?.context("reading the event stream")?;
-                let Ok(s) = EventSubject::parse(&m.subject) else { continue };
+            m = reader.next() => {
+                let m = m.map_err(|e| anyhow!("reading the event stream: {e}"))?;
+                let Ok(s) = EventSubject::parse(m.subject.as_str()) else { continue };
                 let Ok(event) = Event::decode(&m.payload, Some(s.event_type), Some(&rid.to_string())) else { continue };
-                let seq = m.info().map(|i| i.stream_sequence).unwrap_or(u64::MAX);
+                let seq = m.sequence;
                 last_printed = Instant::now();
                 let t0 = events.first().map(|e| e.time_ms()).unwrap_or(event.time_ms());
                 let shown = match from {
@@ -420,14 +409,15 @@ pub(crate) async fn follow(
                 };
                 match output {
                     _ if !shown => {}
-                    Output::Text => println!("{:>8}  {:<26} {}", offset(event.time_ms() - t0), event.event_type.as_str(), describe(&event)),
+                    Output::Text => println!("{:>8}  {:<26} {}", offset(event.time_ms() - t0), event.event_type.as_str(), said.describe(&event)),
                     Output::Json => println!("{}", event_json(&event)),
                 }
                 events.push(event);
                 let state = fold(&events);
                 if state.status().is_terminal() {
                     if output == Output::Text {
-                        println!("release {rid} {}{}", state.status(), state.terminal_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
+                        let reason = state.terminal_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                        println!("release {rid} {}{}", state.status(), said.once(reason, None, "release"));
                     }
                     return Ok(exit_code(&state));
                 }
@@ -606,6 +596,65 @@ fn selector_text(selector: &std::collections::HashMap<String, String>) -> String
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The reason an event gives, if it gives one.
+fn reason_of(event: &Event) -> Option<&str> {
+    let reason = match event.payload()? {
+        Payload::BuildFailed(b) => &b.reason,
+        Payload::DeployFailed(d) => &d.reason,
+        Payload::AnalysisFailed(a) => &a.reason,
+        Payload::AnalysisInconclusive(a) => &a.reason,
+        Payload::RollbackStarted(r) => &r.reason,
+        Payload::RollbackFailed(r) => &r.reason,
+        Payload::ReleaseRolledBack(r) => &r.reason,
+        Payload::ReleaseFailed(r) => &r.reason,
+        Payload::ReleaseAbortRequested(r) => &r.reason,
+        Payload::RollbackRequested(r) => &r.reason,
+        _ => return None,
+    };
+    Some(reason.as_str()).filter(|r| !r.is_empty())
+}
+
+/// The reasons a listing of one release has printed, so that each is said once: where a later
+/// event repeats an earlier reason (a rollback, and the release's end, carry the failure that
+/// caused them), it refers to the event that said it instead.
+#[derive(Debug, Default)]
+pub(crate) struct Said {
+    /// Each reason printed, with the event type that printed it.
+    reasons: Vec<(String, &'static str)>,
+}
+
+impl Said {
+    /// Reasons shorter than this are printed again: a reference would be longer.
+    const SHORT: usize = 24;
+
+    /// `text`, with every earlier reason in it replaced by a reference; `reason` (the event's
+    /// own) is remembered as said by `by`.
+    pub(crate) fn once(&mut self, text: String, reason: Option<&str>, by: &'static str) -> String {
+        let mut text = text;
+        let mut said_before = false;
+        // Longest first, so that a reason that contains another is referred to whole.
+        let mut earlier: Vec<&(String, &'static str)> = self.reasons.iter().collect();
+        earlier.sort_by_key(|(r, _)| std::cmp::Reverse(r.len()));
+        for (r, at) in earlier {
+            if text.contains(r.as_str()) {
+                text = text.replace(r.as_str(), &format!("(see {at} above)"));
+                said_before |= reason == Some(r.as_str());
+            }
+        }
+        if let Some(reason) = reason {
+            if !said_before && reason.len() >= Self::SHORT {
+                self.reasons.push((reason.to_owned(), by));
+            }
+        }
+        text
+    }
+
+    /// One event's line text (see [`describe`]), each reason once.
+    pub(crate) fn describe(&mut self, event: &Event) -> String {
+        self.once(describe(event), reason_of(event), event.event_type.as_str())
+    }
 }
 
 /// "by alice", or "by alice: the reason".
@@ -894,6 +943,7 @@ pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::Value::Array(all));
         }
         Output::Text => {
+            let mut said = Said::default();
             for e in &events {
                 let source = e.envelope.source.clone().unwrap_or_default();
                 println!(
@@ -902,7 +952,7 @@ pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<ExitCode> {
                     offset(e.time_ms() - t0),
                     e.event_type.as_str(),
                     source.agent,
-                    describe(e)
+                    said.describe(e)
                 );
             }
         }
@@ -993,6 +1043,51 @@ mod tests {
             progress_line(&p, now_ms()),
             format!("step 2 (3 of 5) at 50%: paused by bob: lunch (baton resume {rid})")
         );
+    }
+
+    #[test]
+    fn a_failure_is_told_once_and_referred_to_after() {
+        let rid = ReleaseId::generate();
+        let event =
+            |payload| Event::new(rid, EventKey::Unique, payload, Source::default(), "a", "");
+        let cause = "error-rate: 0.31 is not < 0.01 in 2 of 2 rounds (http_requests_total)";
+        let events = [
+            event(Payload::AnalysisFailed(AnalysisFailed {
+                step: 1,
+                measurements: Vec::new(),
+                reason: cause.into(),
+            })),
+            event(Payload::RollbackStarted(RollbackStarted {
+                reason: format!("analysis of step 1 failed: {cause}"),
+                ..Default::default()
+            })),
+            event(Payload::ReleaseRolledBack(ReleaseRolledBack {
+                reason: format!("analysis of step 1 failed: {cause}"),
+            })),
+        ];
+        let mut said = Said::default();
+        let lines: Vec<String> = events.iter().map(|e| said.describe(e)).collect();
+        let end = said.once(
+            format!(": analysis of step 1 failed: {cause}"),
+            None,
+            "release",
+        );
+        assert!(lines[0].contains(cause), "{lines:?}");
+        let all = format!("{}\n{end}", lines.join("\n"));
+        assert_eq!(all.matches(cause).count(), 1, "{all}");
+        assert_eq!(
+            lines[1],
+            "analysis of step 1 failed: (see analysis.failed above)"
+        );
+        assert_eq!(lines[2], "(see rollback.started above)");
+        assert_eq!(end, ": (see rollback.started above)");
+        // Short reasons are said again: a reference would be longer.
+        let mut said = Said::default();
+        let short = event(Payload::ReleaseFailed(ReleaseFailed {
+            reason: "aborted".into(),
+        }));
+        assert_eq!(said.describe(&short), "aborted");
+        assert_eq!(said.describe(&short), "aborted");
     }
 
     #[test]

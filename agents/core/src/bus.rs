@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, message::PublishMessage};
+use async_nats::jetstream::context::PublishErrorKind;
+pub use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::{self, message::PublishMessage, stream::RawMessageErrorKind};
 use async_nats::{ConnectOptions, HeaderMap};
-use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
@@ -263,18 +264,39 @@ impl Bus {
     pub async fn publish_raw(&self, subject: &str, publish: PublishMessage) -> Result<(u64, bool)> {
         let mut errors = self.server_errors.subscribe();
         let ack = async {
-            let future = self
-                .js
-                .send_publish(subject.to_owned(), publish)
-                .await
-                .map_err(|source| Error::Publish {
-                    subject: subject.to_owned(),
-                    source,
-                })?;
-            future.await.map_err(|source| Error::Publish {
-                subject: subject.to_owned(),
-                source,
-            })
+            // No server answers for the stream while its replicas elect a leader (the old one
+            // gone): the same message, under the same id, is sent again until one does.
+            let mut waits = crate::retry::policy(PUBLISH_ACK_TIMEOUT);
+            loop {
+                let sent = match self
+                    .js
+                    .send_publish(subject.to_owned(), publish.clone())
+                    .await
+                {
+                    Ok(future) => future.await,
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Err(e) if e.kind() == PublishErrorKind::StreamNotFound => match waits.next() {
+                        Some(wait) => {
+                            tracing::debug!(%subject, "no stream answered; publishing again");
+                            tokio::time::sleep(wait).await;
+                        }
+                        None => {
+                            return Err(Error::Publish {
+                                subject: subject.to_owned(),
+                                source: e,
+                            })
+                        }
+                    },
+                    other => {
+                        return other.map_err(|source| Error::Publish {
+                            subject: subject.to_owned(),
+                            source,
+                        })
+                    }
+                }
+            }
         };
         let denied = async {
             loop {
@@ -295,85 +317,85 @@ impl Bus {
         }
     }
 
-    /// Every message of the event stream on `filter`, in stream order, as it is now (an ordered
-    /// consumer read up to the last message; nothing when there is none).
+    /// Every message of the event stream on `filter`, in stream order, as it is now (nothing
+    /// when there is none).
     pub async fn read_events(
         &self,
         filter: &str,
-    ) -> std::result::Result<Vec<jetstream::Message>, String> {
+    ) -> std::result::Result<Vec<StreamMessage>, String> {
         Ok(self.read_events_up_to(filter, u64::MAX).await?.0)
     }
 
-    /// The first `limit` messages of the event stream on `filter`, in stream order, and how many
-    /// there are in all.
+    /// The first `limit` messages of the event stream on `filter`, in stream order, and whether
+    /// there are more.
+    ///
+    /// Each message is asked of the stream's leader by sequence (`STREAM.MSG.GET` with
+    /// `next_by_subj`), not through a consumer: an ephemeral consumer is placed on a random
+    /// replica of the stream — nats-server 2.9 does not skip a server that is down — so one
+    /// server of three down made a third of all reads wait for their time-out. A get costs no
+    /// write to the cluster's metadata either, and the leader's answer holds every event it has
+    /// acknowledged.
     pub async fn read_events_up_to(
         &self,
         filter: &str,
         limit: u64,
-    ) -> std::result::Result<(Vec<jetstream::Message>, u64), String> {
-        let stream = self
-            .js
-            .get_stream(EVENTS_STREAM)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: filter.to_owned(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let pending = consumer
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .num_pending;
-        let wanted = pending.min(limit);
-        let mut out = Vec::with_capacity(wanted.min(10_000) as usize);
-        if wanted == 0 {
-            return Ok((out, pending));
-        }
-        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        while let Some(message) = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
-            .await
-            .map_err(|_| "timed out reading the stream".to_owned())?
-        {
-            let message = message.map_err(|e| e.to_string())?;
-            let left = message.info().map(|i| i.pending).unwrap_or(0);
-            out.push(message);
-            if left == 0 || out.len() as u64 >= wanted {
-                break;
+    ) -> std::result::Result<(Vec<StreamMessage>, bool), String> {
+        let mut reader = StreamReader::new(self, EVENTS_STREAM, filter, 1).await?;
+        let mut out = Vec::new();
+        while (out.len() as u64) < limit {
+            match reader.next_now().await? {
+                Some(message) => out.push(message),
+                None => return Ok((out, false)),
             }
         }
-        Ok((out, pending))
+        let more = reader.next_now().await?.is_some();
+        Ok((out, more))
+    }
+
+    /// Follows the event stream on `filter` from stream sequence `from`: each message once, in
+    /// order, as it is stored (see [`StreamReader::next`]).
+    pub async fn follow_events(
+        &self,
+        filter: &str,
+        from: u64,
+    ) -> std::result::Result<StreamReader, String> {
+        StreamReader::new(self, EVENTS_STREAM, filter, from).await
+    }
+
+    /// Reads `stream` on `filter` from its first message, in order, without a consumer (see
+    /// [`read_events_up_to`](Self::read_events_up_to) for why).
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        filter: &str,
+    ) -> std::result::Result<StreamReader, String> {
+        StreamReader::new(self, stream, filter, 1).await
     }
 
     /// Every event of a release, in stream order, decoded. Messages that fail to decode are
     /// skipped with a warning (they were dead-lettered when they arrived). A release with more
     /// than [`MAX_EVENTS_PER_RELEASE`] events is refused.
     pub async fn release_history(&self, release_id: ReleaseId) -> Result<Vec<Event>> {
-        let (events, total) = self
+        let (events, more) = self
             .release_history_head(release_id, MAX_EVENTS_PER_RELEASE)
             .await?;
-        if total > MAX_EVENTS_PER_RELEASE {
+        if more {
             return Err(Error::HistoryTooLong {
                 release_id: release_id.to_string(),
-                events: total,
                 limit: MAX_EVENTS_PER_RELEASE,
             });
         }
         Ok(events)
     }
 
-    /// The first `limit` events of a release, decoded, and how many it has in all — enough to
-    /// end a release whose whole history is too long to read.
+    /// The first `limit` events of a release, decoded, and whether it has more — enough to end
+    /// a release whose whole history is too long to read.
     pub async fn release_history_head(
         &self,
         release_id: ReleaseId,
         limit: u64,
-    ) -> Result<(Vec<Event>, u64)> {
-        let (messages, total) = self
+    ) -> Result<(Vec<Event>, bool)> {
+        let (messages, more) = self
             .read_events_up_to(&subject::release_events(release_id), limit)
             .await
             .map_err(|message| Error::History {
@@ -382,7 +404,7 @@ impl Bus {
             })?;
         let mut events = Vec::with_capacity(messages.len());
         for message in messages {
-            match EventSubject::parse(&message.subject)
+            match EventSubject::parse(message.subject.as_str())
                 .map_err(|e| e.to_string())
                 .and_then(|s| {
                     Event::decode(
@@ -398,7 +420,7 @@ impl Bus {
                 }
             }
         }
-        Ok((events, total))
+        Ok((events, more))
     }
 
     /// A key-value bucket of the bus (locks, configuration).
@@ -415,6 +437,111 @@ impl Bus {
     /// The role a user name stands for, for logs.
     pub fn role(&self) -> Option<Role> {
         self.source.agent.parse().ok()
+    }
+}
+
+/// How long one get waits for the stream's leader: short, so that a get sent while the stream
+/// elects a new leader (its old one gone) is sent again soon after the election.
+const GET_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read keeps asking before it gives up: longer than an election takes.
+const READ_BUDGET: Duration = Duration::from_secs(30);
+/// How often a follower asks for the next message while there is none: from the first wait to
+/// the longest, doubling while the stream stays quiet.
+const FOLLOW_POLL: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+
+/// Reads a stream on one filter in order, one message per get from the stream's leader: the
+/// history of a release, a release followed live, the keys of a bucket.
+pub struct StreamReader {
+    stream: jetstream::stream::Stream<()>,
+    filter: String,
+    next_sequence: u64,
+    poll: Duration,
+}
+
+impl StreamReader {
+    async fn new(
+        bus: &Bus,
+        stream: &str,
+        filter: &str,
+        from: u64,
+    ) -> std::result::Result<StreamReader, String> {
+        // No request: the handle only names the stream.
+        let stream = bus
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(StreamReader {
+            stream,
+            filter: filter.to_owned(),
+            next_sequence: from.max(1),
+            poll: FOLLOW_POLL.0,
+        })
+    }
+
+    /// The sequence the next message will have at least.
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence
+    }
+
+    /// The next message as the stream is now, or `None` when there is none yet. A get that
+    /// finds no leader (an election) or no answer is sent again, for up to [`READ_BUDGET`].
+    pub async fn next_now(&mut self) -> std::result::Result<Option<StreamMessage>, String> {
+        let started = tokio::time::Instant::now();
+        let mut waits = crate::retry::policy(READ_BUDGET);
+        loop {
+            let get = self
+                .stream
+                .get_first_raw_message_by_subject(&self.filter, self.next_sequence);
+            let failure = match tokio::time::timeout(GET_TIMEOUT, get).await {
+                Ok(Ok(message)) => {
+                    self.next_sequence = message.sequence + 1;
+                    return Ok(Some(message));
+                }
+                Ok(Err(e)) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+                Ok(Err(e)) if is_permanent(&e.kind()) => {
+                    return Err(format!("{}: {e}", self.filter))
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {}s", GET_TIMEOUT.as_secs()),
+            };
+            match waits.next() {
+                Some(wait) => {
+                    tracing::debug!(filter = %self.filter, sequence = self.next_sequence, %failure, "reading the event stream again");
+                    tokio::time::sleep(wait).await;
+                }
+                None => {
+                    return Err(format!(
+                        "{failure} (still failing after {}s)",
+                        started.elapsed().as_secs()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The next message, waiting for it to be stored: asks again every 100 ms, then less often
+    /// (up to every second) while nothing comes.
+    pub async fn next(&mut self) -> std::result::Result<StreamMessage, String> {
+        loop {
+            if let Some(message) = self.next_now().await? {
+                self.poll = FOLLOW_POLL.0;
+                return Ok(message);
+            }
+            tokio::time::sleep(self.poll).await;
+            self.poll = (self.poll * 2).min(FOLLOW_POLL.1);
+        }
+    }
+}
+
+/// A get that fails the same way when sent again: a bad filter, or no such stream.
+fn is_permanent(kind: &RawMessageErrorKind) -> bool {
+    match kind {
+        RawMessageErrorKind::InvalidSubject => true,
+        RawMessageErrorKind::JetStream(e) => {
+            e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+        }
+        _ => false,
     }
 }
 

@@ -40,12 +40,8 @@ pub enum Error {
     },
     #[error("reading the events of release {release_id}: {message}")]
     History { release_id: String, message: String },
-    #[error("release {release_id} has {events} events, more than the {limit} a release may have; refused")]
-    HistoryTooLong {
-        release_id: String,
-        events: u64,
-        limit: u64,
-    },
+    #[error("release {release_id} has more than the {limit} events a release may have; refused")]
+    HistoryTooLong { release_id: String, limit: u64 },
     #[error("bus definition {path}: {message}")]
     Definition { path: String, message: String },
     #[error("applying {kind} {name}: {message}")]

@@ -216,16 +216,33 @@ async fn update_queue(
 }
 
 /// Every open release of every workload: those in a queue and those holding a lock (what
-/// `baton list` shows), each once, in no particular order.
-pub async fn open_releases(store: &kv::Store) -> Result<Vec<ReleaseId>> {
-    use futures::TryStreamExt;
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .map_err(|e| LockError::new("*", e))?
-        .try_collect()
+/// `baton list` shows), each once, in no particular order. The keys are read from the bucket's
+/// stream through its leader, not a watch (a consumer, which could land on a server that is
+/// down).
+pub async fn open_releases(bus: &crate::bus::Bus, store: &kv::Store) -> Result<Vec<ReleaseId>> {
+    let prefix = format!("$KV.{}.", crate::bus::LOCKS_BUCKET);
+    let mut reader = bus
+        .read_stream(
+            &format!("KV_{}", crate::bus::LOCKS_BUCKET),
+            &format!("{prefix}>"),
+        )
         .await
         .map_err(|e| LockError::new("*", e))?;
+    let mut keys = std::collections::BTreeSet::new();
+    // The bucket keeps one message per key: its value, or the marker of its deletion.
+    while let Some(message) = reader
+        .next_now()
+        .await
+        .map_err(|e| LockError::new("*", e))?
+    {
+        let deleted = message
+            .headers
+            .get("KV-Operation")
+            .is_some_and(|op| op.as_str() != "PUT");
+        if let (false, Some(key)) = (deleted, message.subject.as_str().strip_prefix(&prefix)) {
+            keys.insert(key.to_owned());
+        }
+    }
     let mut open = std::collections::BTreeSet::new();
     for key in keys {
         if key.starts_with("queue.") {

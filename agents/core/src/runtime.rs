@@ -50,8 +50,10 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// The most messages asked for in one pull request.
 const MAX_BATCH: usize = 64;
 /// How long one pull request waits on the server for messages. Its slots are held meanwhile, so
-/// it is short: a consumer that could not get a slot waits at most this long for one.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// it is short: a consumer that could not get a slot waits at most this long for one. And a
+/// request held by a server that dies is lost with it (the consumer's new leader knows nothing
+/// of it): the consumer asks again, of the new leader, at most this long after.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// Any one ack, nak or term on the wire; the broker may be gone at shutdown.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -35,6 +35,8 @@ use crate::error::{Error, Result};
 use crate::history::{Applied, History};
 use crate::prom::{self, Exporter};
 
+/// How long the reader waits for its consumer to be made or to answer.
+const CONSUMER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a query may wait for the keeper (e.g. while the history is still being read).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the Prometheus figures are recomputed when nothing changed (the window slides).
@@ -246,30 +248,35 @@ async fn follow(
         stream: EVENTS_STREAM.to_owned(),
         message,
     };
-    let stream = tokio::time::timeout(
-        Duration::from_secs(10),
-        bus.jetstream().get_stream(EVENTS_STREAM),
-    )
-    .await
-    .map_err(|_| err("no answer within 10s".into()))?
-    .map_err(|e| err(e.to_string()))?;
+    let stream = bus
+        .jetstream()
+        .get_stream_no_info(EVENTS_STREAM)
+        .await
+        .map_err(|e| err(e.to_string()))?;
     let deliver_policy = match *last {
         None => DeliverPolicy::All,
         Some(seq) => DeliverPolicy::ByStartSequence {
             start_sequence: seq + 1,
         },
     };
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
+    // An ordered consumer lives on one server, chosen at random among the stream's replicas
+    // (nats-server 2.9 chooses one that is down as readily as the others): when it does not
+    // answer soon, it is made again, most likely elsewhere, instead of waiting out the client's
+    // request time-out.
+    let mut consumer = tokio::time::timeout(
+        CONSUMER_TIMEOUT,
+        stream.create_consumer(consumer::pull::OrderedConfig {
             filter_subject: subject::all_events(),
             deliver_policy,
             ..Default::default()
-        })
+        }),
+    )
+    .await
+    .map_err(|_| err(format!("no consumer within {CONSUMER_TIMEOUT:?}")))?
+    .map_err(|e| err(e.to_string()))?;
+    let pending = tokio::time::timeout(CONSUMER_TIMEOUT, consumer.info())
         .await
-        .map_err(|e| err(e.to_string()))?;
-    let pending = consumer
-        .info()
-        .await
+        .map_err(|_| err(format!("no consumer info within {CONSUMER_TIMEOUT:?}")))?
         .map_err(|e| err(e.to_string()))?
         .num_pending;
     tracing::info!(pending, from = ?last.map(|s| s + 1), "reading the event stream");

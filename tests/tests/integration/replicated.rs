@@ -15,7 +15,7 @@ use baton_core::names::{AppName, EnvName, ReleaseId};
 use baton_core::subject::EventSubject;
 use baton_proto::v1::{envelope::Payload, ReleaseAbortRequested};
 use baton_tests::harness::trial;
-use baton_tests::release::{config_yaml, repeated, Baton};
+use baton_tests::release::{config_yaml, fleet_config, repeated, Baton};
 use baton_tests::{BusEnv, CLUSTER};
 use libtest_mimic::Trial;
 
@@ -25,6 +25,8 @@ pub fn trials() -> Vec<Trial> {
         a_release_completes_when_the_event_streams_leader_is_killed_mid_release,
         a_killed_follower_catches_up_once_restarted,
         every_history_and_consumer_is_there_after_all_three_servers_are_killed,
+        releases_end_and_every_cli_read_answers_with_the_streams_leader_down_for_good,
+        releases_end_and_every_cli_read_answers_with_a_follower_down_for_good,
     ]
 }
 
@@ -112,8 +114,9 @@ where
     }
 }
 
-/// Each event of the release is in the stream once.
-fn once_each(events: &[Event]) -> Result<()> {
+/// No event id is in the stream twice (an event's id is derived from its release, type and step:
+/// no step of the release was published twice).
+fn ids_once(events: &[Event]) -> Result<()> {
     let mut ids = HashSet::new();
     for e in events {
         ensure!(
@@ -122,6 +125,12 @@ fn once_each(events: &[Event]) -> Result<()> {
             e.event_type
         );
     }
+    Ok(())
+}
+
+/// Each event of a one-step release is in the stream once.
+fn once_each(events: &[Event]) -> Result<()> {
+    ids_once(events)?;
     let twice = repeated(events);
     ensure!(twice.is_empty(), "events repeated: {twice:?}");
     Ok(())
@@ -311,4 +320,151 @@ async fn every_history_and_consumer_is_there_after_all_three_servers_are_killed(
     );
     once_each(&events)?;
     Ok(())
+}
+
+/// Which server of three goes down for good.
+#[derive(Debug, Clone, Copy)]
+enum Down {
+    /// The one leading the event stream's replicas.
+    Leader,
+    /// One that follows it.
+    Follower,
+}
+
+async fn releases_end_and_every_cli_read_answers_with_the_streams_leader_down_for_good(
+) -> Result<()> {
+    with_one_server_down(Down::Leader).await
+}
+
+async fn releases_end_and_every_cli_read_answers_with_a_follower_down_for_good() -> Result<()> {
+    with_one_server_down(Down::Follower).await
+}
+
+/// How many times each read of the CLI is made after each release: every one must answer. A
+/// read that had one chance in three to wait for a server that is down (as reads through an
+/// ephemeral consumer had) would fail one of these almost surely (1 - (2/3)^20).
+const READS: usize = 5;
+
+/// With one server of three killed and never restarted: a canary, a rolling release and a
+/// failing release each end as they should, a forged request still ends `release.failed`, and
+/// `baton status`, `logs`, `list` and `history` answer every time they are asked.
+async fn with_one_server_down(down: Down) -> Result<()> {
+    let bus = BusEnv::start_servers(3).await?;
+    let prefix = match down {
+        Down::Leader => "r3-noleader",
+        Down::Follower => "r3-nofollower",
+    };
+    let baton = Baton::start_on(bus, prefix, &["web", "api"], 1, &[]).await?;
+    let apps = ["web".to_owned(), "api".to_owned()];
+    baton
+        .apply_config(&fleet_config(&baton.ns.name, &apps, |app| match app {
+            "web" => "strategy: canary\ncanary: {steps: [{weight: 25}, {weight: 50}, {weight: 100}]}\nanalysis: {duration: 2s, interval: 1s, failure_limit: 0}".to_owned(),
+            _ => "strategy: rolling\nanalysis: {duration: 2s, interval: 1s, failure_limit: 0}".to_owned(),
+        }))
+        .await?;
+    let (good, _) = baton.push("v2", &[("BATON_SIM_HEALTH", "ok")]).await?;
+    let (bad, _) = baton.push("v3", &[("BATON_SIM_HEALTH", "fail")]).await?;
+
+    let js = admin(&baton.bus).await?;
+    let (leader, followers) = roles(&js, EVENTS_STREAM).await?;
+    let victim = match down {
+        Down::Leader => leader,
+        Down::Follower => followers.first().context("no follower")?.clone(),
+    };
+    let cluster = baton.bus.sandbox.nats_cluster();
+    cluster
+        .server(&victim)
+        .context("no such server")?
+        .kill9()
+        .await?;
+
+    let mut reads = 0;
+    for (app, image, ends) in [
+        ("web", &good, EventType::ReleaseSucceeded),
+        ("api", &good, EventType::ReleaseSucceeded),
+        ("web", &bad, EventType::ReleaseRolledBack),
+    ] {
+        let rid = baton.release_of(app, image, &[]).await?;
+        let events = baton.wait_for_end(rid, END).await?;
+        let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
+        ensure!(
+            types.last() == Some(&ends),
+            "{app} with {image} ended with {:?}, not {ends}: {types:?}",
+            types.last()
+        );
+        ids_once(&events)?;
+        reads += every_read_answers(&baton, rid).await?;
+    }
+
+    // A request whose spec the configuration does not back is refused as before.
+    let cli = baton.bus.bus("cli").await?;
+    let rid = ReleaseId::generate();
+    let mut spec = baton_tests::sample_spec("test", "web", &good);
+    spec.namespace = "kube-system".into();
+    let forged = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::ReleaseRequested(baton_proto::v1::ReleaseRequested { spec: Some(spec) }),
+        cli.source(),
+        "mallory",
+        "",
+    );
+    let subject = EventSubject::new(
+        EnvName::new("test")?,
+        AppName::new("web")?,
+        rid,
+        EventType::ReleaseRequested,
+    );
+    cli.publish(&subject, &forged).await?;
+    let events = baton.wait_for_end(rid, END).await?;
+    ensure!(
+        events.last().map(|e| e.event_type) == Some(EventType::ReleaseFailed),
+        "the forged request ended with {:?}",
+        events.iter().map(|e| e.event_type).collect::<Vec<_>>()
+    );
+    println!("{down:?} down: 3 releases and a forged request ended, {reads} CLI reads answered");
+    Ok(())
+}
+
+/// `baton status`, `logs`, `list` and `history`, [`READS`] times each: each must answer (exit
+/// 0) with what it shows of `rid`. Returns how many reads were made.
+async fn every_read_answers(baton: &Baton, rid: ReleaseId) -> Result<usize> {
+    let id = rid.to_string();
+    let mut made = 0;
+    for _ in 0..READS {
+        for args in [
+            vec!["status", id.as_str()],
+            vec!["logs", id.as_str()],
+            vec!["list"],
+            vec!["history", "--env", "test"],
+        ] {
+            let started = tokio::time::Instant::now();
+            let out = baton.baton(&args).await?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                out.status.success(),
+                "`baton {}` failed after {:?}: {text}",
+                args.join(" "),
+                started.elapsed()
+            );
+            // status names the release and logs lists its events; list shows releases in
+            // flight, and history what the metrics agent has folded so far.
+            let shows = match args[0] {
+                "status" => text.contains(&id[..8]),
+                "logs" => text.contains("release.requested"),
+                _ => true,
+            };
+            ensure!(
+                shows,
+                "`baton {}` does not show {id}: {text}",
+                args.join(" ")
+            );
+            made += 1;
+        }
+    }
+    Ok(made)
 }

@@ -9,7 +9,6 @@
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv::{self, Operation};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -218,33 +217,38 @@ pub async fn current(bus: &Bus) -> Result<Option<(u64, Config, String)>> {
     Ok(Some((revision, config.with_revision(revision), doc.yaml)))
 }
 
-/// Every stored revision, oldest first, with its text.
-async fn documents(store: &kv::Store) -> Result<Vec<(u64, Document)>> {
-    let read = async {
-        let mut entries = store.history(CONFIG_KEY).await.map_err(read_err)?;
-        let mut docs = Vec::new();
-        while let Some(entry) = entries.next().await {
-            let entry = entry.map_err(read_err)?;
-            if entry.operation == Operation::Put {
-                docs.push((entry.revision, decode(entry.revision, &entry.value)?));
-            }
+/// Every stored revision, oldest first, with its text: the key's messages read from the
+/// bucket's stream through its leader (a KV history is a consumer, which could land on a server
+/// that is down).
+async fn documents(bus: &Bus) -> Result<Vec<(u64, Document)>> {
+    let mut reader = bus
+        .read_stream(
+            &format!("KV_{CONFIG_BUCKET}"),
+            &format!("$KV.{CONFIG_BUCKET}.{CONFIG_KEY}"),
+        )
+        .await
+        .map_err(read_err)?;
+    let mut docs = Vec::new();
+    while let Some(message) = reader.next_now().await.map_err(read_err)? {
+        let put = message
+            .headers
+            .get("KV-Operation")
+            .is_none_or(|op| op.as_str() == "PUT");
+        if put {
+            docs.push((
+                message.sequence,
+                decode(message.sequence, &message.payload)?,
+            ));
         }
-        Ok(docs)
-    };
-    match timed("reading the configuration history", read).await? {
-        Ok(docs) => Ok(docs),
-        // An empty key has no history at all: the server says so instead of sending nothing.
-        Err(StoreError::Read { message, .. }) if message.contains("no keys found") => {
-            Ok(Vec::new())
-        }
-        Err(e) => Err(e),
     }
+    Ok(docs)
 }
 
 /// The stored revisions, oldest first (the bucket keeps the last 64).
 pub async fn history(bus: &Bus) -> Result<Vec<Revision>> {
-    let store = bucket(bus).await?;
-    Ok(documents(&store)
+    // A clear error when the bucket is missing.
+    bucket(bus).await?;
+    Ok(documents(bus)
         .await?
         .into_iter()
         .map(|(revision, d)| Revision {
@@ -256,8 +260,8 @@ pub async fn history(bus: &Bus) -> Result<Vec<Revision>> {
         .collect())
 }
 
-async fn find(store: &kv::Store, revision: u64) -> Result<(Revision, String)> {
-    let docs = documents(store).await?;
+async fn find(bus: &Bus, revision: u64) -> Result<(Revision, String)> {
+    let docs = documents(bus).await?;
     let known = if docs.is_empty() {
         "none".to_owned()
     } else {
@@ -283,8 +287,7 @@ async fn find(store: &kv::Store, revision: u64) -> Result<(Revision, String)> {
 
 /// A stored revision and its text.
 pub async fn at_revision(bus: &Bus, revision: u64) -> Result<(Revision, String)> {
-    let store = bucket(bus).await?;
-    find(&store, revision).await
+    find(bus, revision).await
 }
 
 /// The configuration of one stored revision, read by its sequence alone — one message, however
@@ -332,8 +335,8 @@ pub async fn config_at(bus: &Bus, revision: u64) -> Result<Config> {
 /// Makes revision `revision`'s text current again, as a new revision (validated again first:
 /// the rules may have grown stricter since). Nothing is stored when it is already current.
 pub async fn rollback(bus: &Bus, revision: u64, applied_by: &str) -> Result<Applied> {
+    let (_, text) = find(bus, revision).await?;
     let store = bucket(bus).await?;
-    let (_, text) = find(&store, revision).await?;
     store_text(&store, &text, applied_by).await
 }
 
