@@ -8,6 +8,7 @@ use anyhow::Context;
 use baton_core::bus::{Bus, InitialConnect, NatsArgs};
 use baton_core::busconfig::{self, Definitions};
 
+mod busstatus;
 mod config;
 mod control;
 mod credentials;
@@ -82,8 +83,6 @@ pub enum BusCommand {
         #[arg(long = "cluster")]
         clusters: Vec<String>,
     },
-    /// Make a NATS credential (nkey) for every Baton user: `<user>.nk` seeds for the CLI and the
-    /// agents, and `nkeys.env` with the public keys nats-server.conf reads (BATON_NKEY_<USER>)
     /// Print the users and permissions block of nats-server's configuration (`accounts`), for
     /// the agents of the given clusters: include it from nats-server.conf
     Auth {
@@ -102,6 +101,8 @@ pub enum BusCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Make a NATS credential (nkey) for every Baton user: `<user>.nk` seeds for the CLI and the
+    /// agents, and `nkeys.env` with the public keys nats-server.conf reads (BATON_NKEY_<USER>)
     Credentials {
         /// Folder to write into (created if missing)
         #[arg(long)]
@@ -109,6 +110,15 @@ pub enum BusCommand {
         /// Replace credentials that are already there
         #[arg(long)]
         force: bool,
+    },
+    /// Where every stream and bucket has its replicas: the server that leads it, those that
+    /// follow and whether they are current. Exits 1 when a stream has no leader or no quorum
+    Status {
+        /// The NATS user to ask as (any Baton user may read the streams' state)
+        #[arg(long = "as", default_value = "cli")]
+        user: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
@@ -140,6 +150,13 @@ impl Cli {
             }
             Command::Bus(BusCommand::Credentials { out, force }) => {
                 done(credentials::write(&out, force))
+            }
+            Command::Bus(BusCommand::Status { user, output }) => {
+                let bus = connect_as(&self.nats, &user).await?;
+                Ok(match busstatus::run(bus.jetstream(), output).await? {
+                    true => ExitCode::SUCCESS,
+                    false => ExitCode::FAILURE,
+                })
             }
         }
     }
