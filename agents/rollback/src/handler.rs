@@ -65,28 +65,38 @@ impl Handler for RollbackAgent {
         reason: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let terminal = match ctx.release_state_bounded(d.subject.release_id).await {
-                Ok((_, state)) => state.terminal,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the release to fail it");
-                    return;
-                }
-            };
-            if terminal.is_some() {
-                return;
-            }
             let reason = format!(
                 "the rollback agent could not handle {} ({reason})",
                 d.event.event_type
             );
-            if let Err(e) = ctx
-                .emit(
+            // Nothing else ends this release: the read and the publish are tried again while
+            // the bus can't answer (a server down, a leader being elected) — the event's id is
+            // derived, so a retry never stores it twice.
+            let fail = || async {
+                let (_, state) = ctx.release_state_bounded(d.subject.release_id).await?;
+                if state.terminal.is_some() {
+                    return Ok(());
+                }
+                ctx.emit(
                     d,
                     EventKey::Named("dead-letter"),
-                    Payload::ReleaseFailed(ReleaseFailed { reason }),
+                    Payload::ReleaseFailed(ReleaseFailed {
+                        reason: reason.clone(),
+                    }),
                 )
                 .await
-            {
+                .map(|_| ())
+            };
+            let ended = baton_core::retry::retry(
+                DEAD_LETTER_PATIENCE,
+                |e: &baton_core::error::Error| e.is_retryable(),
+                fail,
+            );
+            let ended = tokio::select! {
+                r = ended => r,
+                () = ctx.shutdown.cancelled() => return,
+            };
+            if let Err(e) = ended {
                 tracing::warn!(error = %e, "cannot fail the release whose trigger was dead-lettered");
             }
         })
@@ -94,6 +104,9 @@ impl Handler for RollbackAgent {
 }
 
 pub use baton_core::fence::Fencer;
+
+/// How long the rollback agent keeps trying to end a release whose trigger was dead-lettered.
+const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(600);
 
 /// Ends a release whose workload was restored: `release.rolled_back`, or — when the rollback
 /// was the agents' own, because the release passed its deadline — `release.failed` saying so.

@@ -300,9 +300,12 @@ pub async fn config_at(bus: &Bus, revision: u64) -> Result<Config> {
     if revision == 0 {
         return Err(unknown());
     }
+    // A handle only (no request): the gets below are answered even while the bucket's stream
+    // elects a leader, when its info is not.
     let stream = timed(
         "opening the configuration bucket",
-        bus.jetstream().get_stream(format!("KV_{CONFIG_BUCKET}")),
+        bus.jetstream()
+            .get_stream_no_info(format!("KV_{CONFIG_BUCKET}")),
     )
     .await?
     .map_err(|e| StoreError::Bucket {
@@ -312,8 +315,24 @@ pub async fn config_at(bus: &Bus, revision: u64) -> Result<Config> {
     let message = timed("reading the configuration", stream.direct_get(revision)).await?;
     let message = match message {
         Ok(m) => m,
+        // Any replica answers a direct get, and one still catching up (just restarted) may not
+        // have the revision yet: only the leader's "not found" is final.
         Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
-            return Err(unknown())
+            match timed(
+                "reading the configuration",
+                stream.get_raw_message(revision),
+            )
+            .await?
+            {
+                Ok(m) => m,
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                {
+                    return Err(unknown())
+                }
+                Err(e) => return Err(read_err(e)),
+            }
         }
         Err(e) => return Err(read_err(e)),
     };
