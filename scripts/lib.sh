@@ -15,7 +15,8 @@ elif [ "$profile" = release ]; then
 else
   cargo build --workspace --locked --quiet
 fi
-bin=$root/target/$profile
+# Where cargo put them: $CARGO_TARGET_DIR when set; BATON_BIN_DIR names the folder outright.
+bin=${BATON_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/$profile}
 
 work=$(mktemp -d -t baton.XXXXXX)
 pids=()

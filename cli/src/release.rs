@@ -546,12 +546,21 @@ pub fn describe(event: &Event) -> String {
         Payload::ReleaseResumed(r) => format!("at step {}", r.step),
         Payload::AnalysisStarted(a) => format!("step {}: {}", a.step, a.checks.join(", ")),
         Payload::AnalysisPassed(a) => format!("step {}: {}", a.step, passed(&a.measurements)),
-        Payload::AnalysisFailed(a) => format!(
-            "step {}: {} — {}",
-            a.step,
-            a.reason,
-            failed(&a.measurements)
-        ),
+        Payload::AnalysisFailed(a) => {
+            // The failed measurements the reason does not already name (it names the checks and
+            // pods that failed, and the rounds): each thing said once.
+            let unsaid: Vec<Measurement> = a
+                .measurements
+                .iter()
+                .filter(|m| !m.ok && m.check != "analysis" && !a.reason.contains(&m.target))
+                .cloned()
+                .collect();
+            if unsaid.is_empty() {
+                format!("step {}: {}", a.step, a.reason)
+            } else {
+                format!("step {}: {} — {}", a.step, a.reason, failed(&unsaid))
+            }
+        }
         Payload::AnalysisInconclusive(a) => format!(
             "step {}: no verdict, held for a person (baton promote / baton abort): {}",
             a.step, a.reason

@@ -13,6 +13,7 @@ mod compose;
 mod config;
 mod control;
 mod crash;
+mod demo;
 mod garbage;
 mod gateway;
 mod health;
@@ -43,6 +44,7 @@ fn main() -> std::process::ExitCode {
     trials.extend(runtime::trials());
     trials.extend(release::trials());
     trials.extend(crash::trials());
+    trials.extend(demo::trials());
     trials.extend(garbage::trials());
     trials.extend(health::trials());
     trials.extend(metrics::trials());
