@@ -150,16 +150,27 @@ pub enum VolumeContent {
 /// The kubelet's mode for the files of a Secret or ConfigMap volume without `defaultMode`.
 const DEFAULT_MODE: i32 = 0o644;
 
+/// One Secret or ConfigMap projected into a volume.
+struct Projection<'a> {
+    kind: &'a str,
+    name: &'a str,
+    items: Option<&'a [KeyToPath]>,
+    optional: Option<bool>,
+}
+
 fn project(
     manifests: &Manifests,
     namespace: &str,
-    kind: &str,
-    name: &str,
-    items: Option<&[KeyToPath]>,
+    source: Projection<'_>,
     default_mode: i32,
-    optional: Option<bool>,
     files: &mut Vec<VolumeFile>,
 ) -> Result<()> {
+    let Projection {
+        kind,
+        name,
+        items,
+        optional,
+    } = source;
     let data = manifests.source(kind, namespace, name, optional)?;
     match items {
         None => {
@@ -226,11 +237,13 @@ pub fn volume_content(
         project(
             manifests,
             namespace,
-            "Secret",
-            name,
-            s.items.as_deref(),
+            Projection {
+                kind: "Secret",
+                name,
+                items: s.items.as_deref(),
+                optional: s.optional,
+            },
             s.default_mode.unwrap_or(DEFAULT_MODE),
-            s.optional,
             &mut files,
         )
         .with_context(what)?;
@@ -238,11 +251,13 @@ pub fn volume_content(
         project(
             manifests,
             namespace,
-            "ConfigMap",
-            &c.name,
-            c.items.as_deref(),
+            Projection {
+                kind: "ConfigMap",
+                name: &c.name,
+                items: c.items.as_deref(),
+                optional: c.optional,
+            },
             c.default_mode.unwrap_or(DEFAULT_MODE),
-            c.optional,
             &mut files,
         )
         .with_context(what)?;
@@ -253,11 +268,13 @@ pub fn volume_content(
                 project(
                     manifests,
                     namespace,
-                    "Secret",
-                    &s.name,
-                    s.items.as_deref(),
+                    Projection {
+                        kind: "Secret",
+                        name: &s.name,
+                        items: s.items.as_deref(),
+                        optional: s.optional,
+                    },
                     default_mode,
-                    s.optional,
                     &mut files,
                 )
                 .with_context(what)?;
@@ -265,11 +282,13 @@ pub fn volume_content(
                 project(
                     manifests,
                     namespace,
-                    "ConfigMap",
-                    &c.name,
-                    c.items.as_deref(),
+                    Projection {
+                        kind: "ConfigMap",
+                        name: &c.name,
+                        items: c.items.as_deref(),
+                        optional: c.optional,
+                    },
                     default_mode,
-                    c.optional,
                     &mut files,
                 )
                 .with_context(what)?;
@@ -691,15 +710,22 @@ impl PodProcess {
             contents.insert(mount.name.clone(), content);
         }
 
-        // A process that holds the private mount namespace while the mounts are made; it dies
-        // with this process (parent-death signal) and is killed on drop.
+        // A process that holds the private mount (and host name) namespace while the mounts are
+        // made; it dies with this process (parent-death signal) and is killed on drop.
         let scratch =
             PathBuf::from("/dev/shm").join(format!("baton-pod-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&scratch)?;
         std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o700))?;
         let holder = tokio::process::Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--"])
-            .args(["unshare", "--mount", "--propagation", "private", "--"])
+            .args([
+                "unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "--",
+            ])
             .args(["sleep", "infinity"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -738,6 +764,12 @@ impl PodProcess {
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let view = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
 
+        // The pod's host name is its name.
+        run_tool(
+            "nsenter",
+            &["-t", &pid_s, "-u", "--", "hostname", pod.pod_name],
+        )
+        .await?;
         let scratch_s = scratch.display().to_string();
         in_ns(&["-t", "tmpfs", "-o", "mode=0700", "tmpfs", &scratch_s]).await?;
         let chown_group = |path: &Path, group: Option<i64>| -> Result<()> {
@@ -876,7 +908,7 @@ impl PodProcess {
         let log_file = std::fs::File::create(&log)?;
         let groups: Vec<String> = groups.iter().map(i64::to_string).collect();
         let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.args(["-t", &pid_s, "-m", "--", "setpriv"])
+        cmd.args(["-t", &pid_s, "-m", "-u", "--", "setpriv"])
             .arg(format!("--reuid={uid}"))
             .arg(format!("--regid={gid}"))
             .arg(format!("--groups={}", groups.join(",")))
