@@ -577,6 +577,12 @@ impl PodProcess {
             token,
             log,
         } = start;
+        // /proc/self belongs to the effective user.
+        ensure!(
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0,
+            "starting a pod as the kubelet would needs root (a private mount namespace, and \
+             setpriv to the pod's user): run the tests as root"
+        );
         let spec = template
             .spec
             .as_ref()
