@@ -12,6 +12,7 @@ pub mod dashboard;
 
 pub use compose::repo_root;
 pub mod harness;
+pub mod pod;
 pub mod release;
 pub mod specconfig;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use baton_core::event::EventType;
 use baton_core::workload;
+use baton_tests::cluster::ClusterInfo;
 use baton_tests::harness::trial;
 use baton_tests::release::{app_config, Baton, PORT};
 use baton_tests::{repo_root, target_bin};
@@ -28,6 +29,7 @@ pub fn trials() -> Vec<Trial> {
     crate::trials![
         the_routes_weights_follow_each_step_and_its_other_fields_are_untouched,
         a_rolled_back_canary_gives_the_route_back_to_the_stable_service,
+        the_install_guides_check_finds_the_httproute_v1_api_the_canary_uses,
     ]
 }
 
@@ -35,12 +37,12 @@ const END: Duration = Duration::from_secs(180);
 
 /// Installs the CRD (once per sandbox; applying it again changes nothing) and waits until the
 /// API serves it.
-async fn install_crd(baton: &Baton) -> Result<()> {
+async fn install_crd(cluster: &ClusterInfo) -> Result<()> {
     let out = tokio::process::Command::new(target_bin("baton-sandbox")?)
         .args(["apply", "-f"])
         .arg(repo_root().join("tests/fixtures/httproute-crd.yaml"))
         .arg("--kubeconfig")
-        .arg(&baton.cluster.kubeconfig)
+        .arg(&cluster.kubeconfig)
         .output()
         .await?;
     ensure!(
@@ -48,7 +50,7 @@ async fn install_crd(baton: &Baton) -> Result<()> {
         "installing the HTTPRoute CRD: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let client = baton.cluster.client().await?;
+    let client = cluster.client().await?;
     baton_tests::eventually("the HTTPRoute API", Duration::from_secs(60), || {
         let routes = workload::http_routes(&client, "default");
         async move { Ok(routes.list(&Default::default()).await.ok().map(|_| ())) }
@@ -60,7 +62,7 @@ async fn install_crd(baton: &Baton) -> Result<()> {
 /// a label — and the Service `web` as its one backend.
 async fn start(prefix: &str) -> Result<Baton> {
     let baton = Baton::start(prefix).await?;
-    install_crd(&baton).await?;
+    install_crd(&baton.cluster).await?;
     let client = baton.cluster.client().await?;
     let ns = baton.ns.name.clone();
     let service: Service = serde_json::from_value(json!({
@@ -215,4 +217,82 @@ async fn a_rolled_back_canary_gives_the_route_back_to_the_stable_service() -> Re
         "the route carried {weights:?}"
     );
     back_to_stable(&client, &ns).await
+}
+
+/// The Gateway API release docs/install.md points users to, and the one the stand-in CRD stands
+/// in for.
+const GATEWAY_API_RELEASE: &str = "v1.0.0";
+
+/// The words of a command line as a POSIX shell splits them (spaces, single quotes).
+fn shell_words(line: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut in_word = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            ' ' if !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    ensure!(!quoted, "an unclosed quote in {line:?}");
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// docs/install.md ("Gateway API") names Gateway API's standard-channel release, and its check
+/// command, run as written against a cluster with the HTTPRoute CRD, finds the `v1` the
+/// deployer and the rollback agent use.
+async fn the_install_guides_check_finds_the_httproute_v1_api_the_canary_uses() -> Result<()> {
+    let guide = std::fs::read_to_string(repo_root().join("docs/install.md"))?;
+    let release = format!(
+        "https://github.com/kubernetes-sigs/gateway-api/releases/download/{GATEWAY_API_RELEASE}/standard-install.yaml"
+    );
+    ensure!(
+        guide.contains(&release),
+        "docs/install.md does not point to {release}"
+    );
+    let stand_in = std::fs::read_to_string(repo_root().join("tests/fixtures/httproute-crd.yaml"))?;
+    ensure!(
+        stand_in.contains(&format!("standard channel {GATEWAY_API_RELEASE}")),
+        "the stand-in CRD does not say it stands in for {GATEWAY_API_RELEASE}"
+    );
+    let check = guide
+        .lines()
+        .find(|l| l.starts_with("kubectl get crd httproutes.gateway.networking.k8s.io"))
+        .context("docs/install.md has no command to check the HTTPRoute CRD")?;
+    let argv = shell_words(check)?;
+    let cluster = baton_tests::cluster::shared()?;
+    install_crd(&cluster).await?;
+    let out = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .await
+        .with_context(|| format!("running {check}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{check}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.split_whitespace().any(|v| v == "v1"),
+        "{check} printed {stdout:?}, without v1"
+    );
+    Ok(())
 }

@@ -7,15 +7,22 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use baton_core::event::EventType;
+use baton_sandbox::process::{ManagedProcess, ProcessSpec};
 use baton_tests::harness::trial;
+use baton_tests::pod::{
+    env_from, volume_content, ApiServer, Manifests, PodIdentity, PodProcess, PodStart,
+    VolumeContent,
+};
 use baton_tests::release::{app_config, config_yaml, Baton, AGENTS, PORT};
 use baton_tests::{repo_root, target_bin};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use libtest_mimic::Trial;
 
@@ -24,8 +31,13 @@ pub fn trials() -> Vec<Trial> {
         the_example_overlay_renders,
         the_grafana_dashboard_component_renders_the_dashboard_for_grafanas_sidecar,
         every_strategy_runs_with_each_agent_on_its_own_service_account,
+        every_agent_of_the_example_overlay_comes_up_ready_as_its_rendered_deployment_says,
     ]
 }
+
+/// The tests that put the install's namespace `baton` (and its ServiceAccounts) in the shared
+/// cluster take turns: one removes it when it ends.
+static BATON_NAMESPACE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const END: Duration = Duration::from_secs(180);
 
@@ -73,12 +85,14 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 /// first: `baton bus credentials` into the overlay, `baton bus auth` for its cluster.
 async fn the_example_overlay_renders() -> Result<()> {
     let work = std::env::temp_dir().join(format!("baton-deploy-{}", uuid::Uuid::new_v4().simple()));
-    let result = render_example(&work).await;
+    let result = check_example(&work).await;
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-async fn render_example(work: &Path) -> Result<()> {
+/// `baton bus credentials` into a copy of the example overlay, then `kubectl kustomize`: the
+/// overlay's folder and what it renders.
+async fn render_example(work: &Path) -> Result<(PathBuf, String)> {
     let deploy = work.join("deploy");
     copy_tree(&repo_root().join("deploy"), &deploy)?;
     let overlay = deploy.join("overlays/example");
@@ -95,10 +109,6 @@ async fn render_example(work: &Path) -> Result<()> {
     )
     .await?;
     ensure!(ok, "baton bus credentials: {err}");
-    ensure!(
-        credentials.join("webhooks.yaml").is_file(),
-        "baton bus credentials made no webhooks.yaml for the notifier"
-    );
     let (ok, rendered, err) = run(
         &kubectl(),
         &["kustomize", &overlay.display().to_string()],
@@ -106,6 +116,16 @@ async fn render_example(work: &Path) -> Result<()> {
     )
     .await?;
     ensure!(ok, "kubectl kustomize deploy/overlays/example: {err}");
+    Ok((overlay, rendered))
+}
+
+async fn check_example(work: &Path) -> Result<()> {
+    let (overlay, rendered) = render_example(work).await?;
+    let credentials = overlay.join("credentials");
+    ensure!(
+        credentials.join("webhooks.yaml").is_file(),
+        "baton bus credentials made no webhooks.yaml for the notifier"
+    );
     for wanted in [
         "kind: StatefulSet",
         "name: baton-nats",
@@ -198,6 +218,7 @@ fn kubeconfig_with_token(admin: &Path, token: &str, out: &Path) -> Result<()> {
 }
 
 async fn every_strategy_runs_with_each_agent_on_its_own_service_account() -> Result<()> {
+    let _baton_namespace = BATON_NAMESPACE.lock().await;
     let mut baton = Baton::start_with("install", &["web"], 2, &[]).await?;
     let admin = baton.cluster.kubeconfig.clone();
     let ns = baton.ns.name.clone();
@@ -459,4 +480,312 @@ async fn succeeds(baton: &Baton, tag: &str) -> Result<Vec<baton_core::event::Eve
             .unwrap_or_default()
     );
     Ok(events)
+}
+
+/// The six agents of the example overlay.
+const DEPLOYMENTS: [&str; 6] = [
+    "baton-builder",
+    "baton-deployer",
+    "baton-health-checker",
+    "baton-rollback",
+    "baton-metrics",
+    "baton-notifier",
+];
+/// The agents that call the Kubernetes API, and only they, mount their ServiceAccount's token.
+const WITH_TOKEN: [&str; 3] = ["baton-deployer", "baton-health-checker", "baton-rollback"];
+
+/// Every agent Deployment of the rendered example overlay, started as a kubelet would start its
+/// pod (`tests/src/pod.rs`): the command and args, the environment (the ConfigMap of `envFrom`,
+/// `env`), user and groups, and the files of its Secret volumes at the paths it mounts them
+/// (items, modes, read-only), with its ServiceAccount's token where the pod mounts one. Each
+/// must come up ready on its readiness probe, against a nats-server that has the overlay's
+/// users (auth.conf and the public keys of the rendered NATS StatefulSet) and a bus made by the
+/// overlay's `baton-bus-apply` Job, run the same way. A wrong Secret, key, path or flag fails.
+async fn every_agent_of_the_example_overlay_comes_up_ready_as_its_rendered_deployment_says(
+) -> Result<()> {
+    let work = std::env::temp_dir().join(format!("baton-pods-{}", uuid::Uuid::new_v4().simple()));
+    let result = agents_as_rendered(&work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn agents_as_rendered(work: &Path) -> Result<()> {
+    let (_, rendered) = render_example(work).await?;
+    let manifests = Manifests::parse(&rendered)?;
+    let cluster = baton_tests::cluster::shared()?;
+    let api = ApiServer::from_kubeconfig(&cluster.kubeconfig)?;
+    let (_nats, nats_url) = start_nats(&manifests, work).await?;
+
+    // The one value of the rendered environment that cannot work here: NATS_URL names the
+    // NATS StatefulSet's pods by the cluster's DNS (baton-nats-N.baton-nats), which do not
+    // exist outside a cluster; it is pointed at the loopback nats-server that stands in for
+    // them. Everything else is as rendered.
+    let agents: ConfigMap = manifests
+        .all::<ConfigMap>("ConfigMap")?
+        .into_iter()
+        .find(|c| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("baton-agents-"))
+        })
+        .context("no ConfigMap baton-agents in the rendered overlay")?;
+    let rendered_url = agents
+        .data
+        .as_ref()
+        .and_then(|d| d.get("NATS_URL"))
+        .context("the ConfigMap baton-agents has no NATS_URL")?;
+    ensure!(
+        rendered_url.split(',').all(|u| u.contains(".baton-nats:")),
+        "NATS_URL is {rendered_url:?}, not the in-cluster servers this test replaces"
+    );
+    let substitute = [("NATS_URL", nats_url)];
+    let logs = work.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let start = |template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+                 pod_name: &'static str,
+                 token: Option<String>| {
+        let (manifests, api, substitute) = (&manifests, &api, &substitute);
+        let log = logs.join(format!("{pod_name}.log"));
+        let template = template.clone();
+        async move {
+            PodProcess::start(PodStart {
+                manifests,
+                template: &template,
+                pod: PodIdentity {
+                    namespace: "baton",
+                    pod_name,
+                },
+                substitute,
+                api,
+                token: token.as_deref(),
+                log,
+            })
+            .await
+        }
+    };
+
+    // The bus: the overlay's Job, run as its pod template says.
+    let job: Job = manifests
+        .get("Job", "baton", "baton-bus-apply")?
+        .context("no Job baton-bus-apply in the rendered overlay")?;
+    let template = job
+        .spec
+        .as_ref()
+        .map(|s| s.template.clone())
+        .context("the Job has no template")?;
+    let mut bus_apply = start(&template, "baton-bus-apply", None).await?;
+    let status = bus_apply.wait_exit(Duration::from_secs(120)).await?;
+    ensure!(
+        status.success(),
+        "the Job baton-bus-apply failed ({status}); its log ends:\n{}",
+        bus_apply.log_tail(30)
+    );
+
+    // Tokens are issued for the rendered ServiceAccounts, in the namespace baton.
+    let _baton_namespace = BATON_NAMESPACE.lock().await;
+    let client = cluster.client().await?;
+    let accounts = manifests.all::<ServiceAccount>("ServiceAccount")?;
+    put_service_accounts(&client, &manifests, &accounts).await?;
+    let result = async {
+        let deployments = manifests.all::<Deployment>("Deployment")?;
+        let mut names: Vec<&str> = deployments
+            .iter()
+            .filter_map(|d| d.metadata.name.as_deref())
+            .collect();
+        names.sort_unstable();
+        let mut wanted = DEPLOYMENTS;
+        wanted.sort_unstable();
+        ensure!(
+            names == wanted,
+            "the example overlay renders the Deployments {names:?}, not the six agents"
+        );
+        let sa_api: Api<ServiceAccount> = Api::namespaced(client.clone(), "baton");
+        for name in DEPLOYMENTS {
+            let deployment = deployments
+                .iter()
+                .find(|d| d.metadata.name.as_deref() == Some(name))
+                .with_context(|| format!("no Deployment {name}"))?;
+            let template = deployment.spec.template.clone();
+            let sa = template
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .with_context(|| format!("{name} names no ServiceAccount"))?;
+            // As the kubelet asks for the projected token (`expirationSeconds: 3607`).
+            let request = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    expiration_seconds: Some(3607),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let token = sa_api
+                .create_token_request(&sa, &PostParams::default(), &request)
+                .await
+                .with_context(|| format!("a token for {sa}"))?
+                .status
+                .and_then(|s| s.token)
+                .with_context(|| format!("no token for {sa}"))?;
+            // Each pod has a network of its own, where the manifest's port is free; here they
+            // share the host's, so they run one after another, on a port nothing else holds.
+            let probe_port = 9090;
+            ensure!(
+                tokio::net::TcpStream::connect(("127.0.0.1", probe_port))
+                    .await
+                    .is_err(),
+                "port {probe_port} is taken on this host: {name} cannot be probed"
+            );
+            let mut pod = start(&template, name, Some(token)).await?;
+            ensure!(
+                pod.token_mounted == WITH_TOKEN.contains(&name),
+                "{name}: the ServiceAccount token is {}mounted",
+                if pod.token_mounted { "" } else { "not " }
+            );
+            let url = pod
+                .wait_ready(Duration::from_secs(60))
+                .await
+                .with_context(|| {
+                    format!("{name}, started as its Deployment says ({:?})", pod.argv)
+                })?;
+            ensure!(
+                url.starts_with(&format!("http://127.0.0.1:{probe_port}/")),
+                "{name} is probed at {url}"
+            );
+            if let Some(liveness) = pod.container.liveness_probe.clone() {
+                let status = pod.probe(&liveness).await?;
+                ensure!(status == 200, "{name}: the liveness probe answers {status}");
+            }
+            // SIGTERM, as a rollout or a drain stops it: it exits within its grace period.
+            let grace = template
+                .spec
+                .as_ref()
+                .and_then(|s| s.termination_grace_period_seconds)
+                .unwrap_or(30);
+            let status = pod.stop(Duration::from_secs(u64::try_from(grace)?)).await?;
+            ensure!(
+                status.is_some(),
+                "{name} did not exit within {grace}s of SIGTERM"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    for sa in &accounts {
+        if let Some(name) = sa.metadata.name.as_deref() {
+            let _ = Api::<ServiceAccount>::namespaced(client.clone(), "baton")
+                .delete(name, &Default::default())
+                .await;
+        }
+    }
+    result
+}
+
+/// The rendered namespace and ServiceAccounts in the shared cluster (after the other install
+/// test's removal of the namespace, which it does not wait for, has ended).
+async fn put_service_accounts(
+    client: &kube::Client,
+    manifests: &Manifests,
+    accounts: &[ServiceAccount],
+) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if let Some(ns) = namespaces.get_opt("baton").await? {
+        if ns.metadata.deletion_timestamp.is_some() {
+            let uid = ns.metadata.uid.clone().unwrap_or_default();
+            tokio::time::timeout(
+                Duration::from_secs(120),
+                kube::runtime::wait::await_condition(
+                    namespaces.clone(),
+                    "baton",
+                    kube::runtime::wait::conditions::is_deleted(&uid),
+                ),
+            )
+            .await
+            .context("the namespace baton is still being removed")??;
+        }
+    }
+    let apply = PatchParams::apply("baton-tests").force();
+    let namespace: Namespace = manifests
+        .get("Namespace", "default", "baton")?
+        .context("no Namespace baton in the rendered overlay")?;
+    namespaces
+        .patch("baton", &apply, &Patch::Apply(&namespace))
+        .await?;
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), "baton");
+    for sa in accounts {
+        let name = sa
+            .metadata
+            .name
+            .as_deref()
+            .context("a nameless ServiceAccount")?;
+        api.patch(name, &apply, &Patch::Apply(sa)).await?;
+    }
+    Ok(())
+}
+
+/// A nats-server with the users of the rendered NATS StatefulSet: the auth.conf of its config
+/// volume and the public keys of its `envFrom` Secret (the overlay's `baton-nats-auth` and
+/// `baton-nats-nkeys`, made by `baton bus auth` and `baton bus credentials`), beside the
+/// sandbox's server configuration (the component's nats.conf routes to the cluster's pods).
+async fn start_nats(manifests: &Manifests, work: &Path) -> Result<(ManagedProcess, String)> {
+    let sts: StatefulSet = manifests
+        .get("StatefulSet", "baton", "baton-nats")?
+        .context("no StatefulSet baton-nats in the rendered overlay")?;
+    let spec = sts
+        .spec
+        .template
+        .spec
+        .context("the StatefulSet has no pod spec")?;
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "config")
+        .context("the NATS StatefulSet has no config volume")?;
+    let VolumeContent::Files(files) = volume_content(manifests, "baton", volume)? else {
+        bail!("the NATS config volume holds no files");
+    };
+    let auth = files
+        .iter()
+        .find(|f| f.path == Path::new("auth.conf"))
+        .context("the NATS config volume has no auth.conf")?;
+    let container = spec.containers.first().context("no NATS container")?;
+    let keys = env_from(
+        manifests,
+        "baton",
+        container.env_from.as_deref().unwrap_or_default(),
+    )?;
+    let conf = work.join("nats");
+    std::fs::create_dir_all(&conf)?;
+    std::fs::copy(
+        repo_root().join("bus-config/nats-server.conf"),
+        conf.join("nats-server.conf"),
+    )?;
+    std::fs::write(conf.join("auth.conf"), &auth.bytes)?;
+    let store = work.join("nats-store");
+    std::fs::create_dir_all(&store)?;
+    let port = baton_sandbox::process::free_port()?;
+    let mut process_spec = ProcessSpec::new(
+        "nats-server",
+        baton_sandbox::bins::nats_server()?,
+        work.join("nats-server.log"),
+    )
+    .arg("-c")
+    .arg(conf.join("nats-server.conf"))
+    .args(["-a", "127.0.0.1", "-p"])
+    .arg(port.to_string())
+    .arg("-sd")
+    .arg(&store);
+    for (k, v) in keys {
+        process_spec = process_spec.env(k, v);
+    }
+    let mut process = ManagedProcess::spawn(process_spec)?;
+    baton_sandbox::process::wait_ready(
+        &mut process,
+        "nats-server",
+        Duration::from_secs(30),
+        || baton_sandbox::process::probe_tcp(port),
+    )
+    .await?;
+    Ok((process, format!("nats://127.0.0.1:{port}")))
 }
