@@ -24,9 +24,6 @@ use crate::decide::{self, Next};
 use crate::error::{Error, Result};
 use crate::steps;
 
-/// The default step timeout when the spec gives none.
-const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
-
 pub struct Deployer {
     pub client: kube::Client,
     /// The agent's supervised tasks (blue-green scale-down timers).
@@ -606,10 +603,7 @@ impl Deployer {
             release_id: &rid_text,
             replicas,
             started,
-            timeout: match spec.step_timeout_seconds {
-                0 => DEFAULT_STEP_TIMEOUT,
-                s => Duration::from_secs(u64::from(s)),
-            },
+            timeout: baton_core::config::step_timeout(spec.step_timeout_seconds),
             shutdown: &ctx.shutdown,
             fence,
         };
