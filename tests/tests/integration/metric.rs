@@ -66,7 +66,7 @@ async fn start(prefix: &str, analysis: &str, checks: &str) -> Result<(Baton, Pro
         &http,
     )
     .await?;
-    let checks = checks.replace("{address}", &prometheus.url());
+    let checks = checks.replace("{address}", prometheus.url());
     baton
         .apply_config(&canary_config(
             &ns,
