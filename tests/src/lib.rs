@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod compose;
 pub mod dashboard;
+pub mod docs;
 
 pub use compose::repo_root;
 pub mod harness;

@@ -24,7 +24,8 @@ pub const AGENTS: [&str; 5] = [
     "rollback",
     "metrics",
 ];
-pub const PORT: i32 = 8080;
+/// The apps' port, as Kubernetes' `containerPort` has it (an `i32`): the configuration's default.
+pub const PORT: i32 = baton_core::config::DEFAULT_PORT as i32;
 
 /// Everything an end-to-end test needs; dropped at the end of the test.
 pub struct Baton {

@@ -9,12 +9,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use baton_core::config::build_timeout;
 use baton_core::fold::ReleaseState;
 use baton_core::EventType;
 use baton_proto::v1::ReleaseSpec;
-
-/// How long a build command may run when the spec does not say.
-pub const DEFAULT_BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Docker Hub: the host in image references, and the host of its registry API.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -98,10 +96,7 @@ pub fn next(state: &ReleaseState, trigger: &ReleaseSpec) -> Next {
                     reason: "build command has an empty program (spec.build.argv[0])".into(),
                 };
             }
-            let timeout = match build.timeout_seconds {
-                0 => DEFAULT_BUILD_TIMEOUT,
-                s => Duration::from_secs(u64::from(s)),
-            };
+            let timeout = build_timeout(build.timeout_seconds);
             Backend::Command {
                 argv: build.argv.clone(),
                 timeout,
@@ -368,7 +363,7 @@ mod tests {
         };
         let make = Backend::Command {
             argv: vec!["/usr/bin/make".into(), "push".into()],
-            timeout: DEFAULT_BUILD_TIMEOUT,
+            timeout: build_timeout(0),
         };
         let table = [
             (

@@ -123,7 +123,7 @@ pub fn next(state: &ReleaseState, now_ms: i64) -> Next {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baton_core::control::CANARY_STEPS;
+    use baton_core::config::DEFAULT_CANARY_WEIGHTS;
     use baton_core::event::EventType;
     use baton_proto::v1::{CanaryParams, CanaryStep, ReleaseSpec, Strategy};
 
@@ -185,7 +185,7 @@ mod tests {
         assert_eq!(weights(&spec(Strategy::Canary)), [10, 50, 75, 100]);
         let mut defaults = spec(Strategy::Canary);
         defaults.canary = None;
-        assert_eq!(weights(&defaults), CANARY_STEPS);
+        assert_eq!(weights(&defaults), DEFAULT_CANARY_WEIGHTS);
         let mut no_hundred = spec(Strategy::Canary);
         no_hundred.canary = Some(CanaryParams {
             steps: vec![CanaryStep {

@@ -24,9 +24,6 @@ use crate::decide::{self, Next};
 use crate::error::{Error, Result};
 use crate::steps;
 
-/// The default step timeout when the spec gives none.
-const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
-
 pub struct Deployer {
     pub client: kube::Client,
     /// The agent's supervised tasks (blue-green scale-down timers).
@@ -130,7 +127,7 @@ impl Drop for DrivingGuard {
 
 impl Deployer {
     async fn on_event(&self, ctx: &AgentContext, d: Delivery) -> Result<Handled> {
-        let (events, state) = ctx.release_state(d.subject.release_id).await?;
+        let (_, state) = ctx.release_state(d.subject.release_id).await?;
         if let Some(spec) = &state.spec {
             if !spec.cluster.is_empty() && spec.cluster != ctx.cluster {
                 tracing::debug!(cluster = %spec.cluster, "release of another cluster");
@@ -138,13 +135,13 @@ impl Deployer {
             }
         }
         match d.event.event_type {
-            EventType::ReleaseRequested => self.on_requested(ctx, &d, &events, state).await,
+            EventType::ReleaseRequested => self.on_requested(ctx, &d, state).await,
             // Each of these may let the release go further: drive it as far as it goes now.
             EventType::BuildSucceeded
             | EventType::AnalysisPassed
             | EventType::AnalysisInconclusive => {
                 if self.lock_for(ctx, d.subject.release_id, &state).await? == Lock::Held {
-                    return self.drive(ctx, &d.subject, &d.event, &events, state).await;
+                    return self.drive(ctx, &d.subject, &d.event, state).await;
                 }
                 Ok(Handled::Done)
             }
@@ -154,9 +151,9 @@ impl Deployer {
             }
             EventType::ReleaseResumeRequested | EventType::ReleasePromoteRequested => {
                 self.on_resume_or_promote(ctx, &d, &state).await?;
-                let (events, state) = ctx.release_state(d.subject.release_id).await?;
+                let (_, state) = ctx.release_state(d.subject.release_id).await?;
                 if self.lock_for(ctx, d.subject.release_id, &state).await? == Lock::Held {
-                    return self.drive(ctx, &d.subject, &d.event, &events, state).await;
+                    return self.drive(ctx, &d.subject, &d.event, state).await;
                 }
                 Ok(Handled::Done)
             }
@@ -250,7 +247,6 @@ impl Deployer {
         &self,
         ctx: &AgentContext,
         d: &Delivery,
-        events: &[Event],
         state: ReleaseState,
     ) -> Result<Handled> {
         if state.terminal.is_some() {
@@ -271,7 +267,7 @@ impl Deployer {
             Lock::Held => {
                 tracing::info!(%workload, "lock taken; the release goes ahead once built");
                 // Built already (the build may have been quicker than this request's handling).
-                self.drive(ctx, &d.subject, &d.event, events, state).await
+                self.drive(ctx, &d.subject, &d.event, state).await
             }
             Lock::HeldBy(other) => {
                 tracing::info!(blocking = %other, %workload, "another release of this workload is in flight; queued");
@@ -327,7 +323,6 @@ impl Deployer {
         ctx: &AgentContext,
         subject: &EventSubject,
         cause: &Event,
-        events: &[Event],
         state: ReleaseState,
     ) -> Result<Handled> {
         let rid = subject.release_id;
@@ -342,7 +337,7 @@ impl Deployer {
             }
             map.insert(rid, false);
         }
-        match self.drive_steps(ctx, subject, cause, events, state).await {
+        match self.drive_steps(ctx, subject, cause, state).await {
             // The release was taken from this deployer (aborted, failed, ended, lost its lock)
             // while it worked: nothing more to do, and nothing was written.
             Err(Error::Fence(baton_core::fence::FenceError::Closed { what, reason })) => {
@@ -382,7 +377,6 @@ impl Deployer {
         ctx: &AgentContext,
         subject: &EventSubject,
         cause: &Event,
-        events: &[Event],
         state: ReleaseState,
     ) -> Result<Handled> {
         let rid = subject.release_id;
@@ -394,7 +388,6 @@ impl Deployer {
             .ok_or(Error::NoSpec {
                 release_id: rid.to_string(),
             })?;
-        let _ = events;
         let mut state = state;
         loop {
             let now = SystemTime::now()
@@ -610,10 +603,7 @@ impl Deployer {
             release_id: &rid_text,
             replicas,
             started,
-            timeout: match spec.step_timeout_seconds {
-                0 => DEFAULT_STEP_TIMEOUT,
-                s => Duration::from_secs(u64::from(s)),
-            },
+            timeout: baton_core::config::step_timeout(spec.step_timeout_seconds),
             shutdown: &ctx.shutdown,
             fence,
         };
@@ -752,7 +742,7 @@ impl Deployer {
                     tracing::info!(next = %candidate, "starting the next queued release");
                     let cause = first.clone();
                     // A timed pause can't be due on a release that has not started.
-                    self.drive(ctx, &subject, &cause, &events, state).await?;
+                    self.drive(ctx, &subject, &cause, state).await?;
                 }
                 Lock::HeldBy(holder) => {
                     tracing::info!(%holder, "the workload's lock is taken again")

@@ -19,14 +19,17 @@ use prost::Message;
 /// The check every analysis runs, whatever the spec says: the new pods exist, are ready, have not
 /// restarted since the step began and are not stuck in a crash loop or an image pull.
 pub const POD_HEALTH: &str = "pod-health";
-pub const DEFAULT_DURATION_SECONDS: u32 = 10;
-pub const DEFAULT_INTERVAL_SECONDS: u32 = 2;
+// The defaults the deadlines count with: one definition.
+pub use baton_core::deadline::{
+    DEFAULT_ANALYSIS_DURATION_SECONDS as DEFAULT_DURATION_SECONDS,
+    DEFAULT_ANALYSIS_INTERVAL_SECONDS as DEFAULT_INTERVAL_SECONDS,
+};
 // The limits `baton config validate` enforces too: one definition, so the two never drift.
+pub use baton_core::config::DEFAULT_PORT;
 pub use baton_core::limits::{
     MAX_ANALYSIS_SECONDS as MAX_DURATION_SECONDS, MAX_HTTP_RETRIES as MAX_RETRIES,
     MAX_LATENCY_REQUESTS, MAX_REQUEST_TIMEOUT, MAX_SMOKE_TIMEOUT, MAX_URL_BYTES,
 };
-pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_HTTP_PATH: &str = "/health";
 pub const DEFAULT_EXPECT_STATUS: u16 = 200;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -182,14 +185,10 @@ fn duration_ms(
 }
 
 fn port(check_port: u32, spec_port: u32, field: &str) -> Result<u16, String> {
-    let chosen = if check_port != 0 {
-        check_port
-    } else {
-        spec_port
-    };
-    if chosen == 0 {
-        return Ok(DEFAULT_PORT);
-    }
+    let chosen = [check_port, spec_port]
+        .into_iter()
+        .find(|&p| p != 0)
+        .unwrap_or(DEFAULT_PORT);
     u16::try_from(chosen).map_err(|_| format!("{field} {chosen} is not a TCP port"))
 }
 

@@ -52,7 +52,10 @@ mod tests;
 /// messages over 1 MB, and JSON escaping can double the text).
 pub const MAX_FILE_BYTES: usize = 256 * 1024;
 
+/// Each default below is the one definition of it: the agents, the CLI and the tests use these.
+/// The port of the app's HTTP checks and metrics.
 pub const DEFAULT_PORT: u32 = 8080;
+/// A step's timeout (the deployer's wait for a step, the rollback agent's for a restore).
 pub const DEFAULT_STEP_TIMEOUT_SECONDS: u32 = 300;
 pub const DEFAULT_MAX_SURGE: &str = "25%";
 pub const DEFAULT_MAX_UNAVAILABLE: &str = "0";
@@ -62,12 +65,31 @@ pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: u32 = 300;
 pub const DEFAULT_ANALYSIS_DURATION_SECONDS: u32 = 30;
 pub const DEFAULT_ANALYSIS_INTERVAL_SECONDS: u32 = 5;
 pub const DEFAULT_FAILURE_LIMIT: u32 = 1;
+/// A command build's timeout.
 pub const DEFAULT_BUILD_TIMEOUT_SECONDS: u32 = 900;
 const DEFAULT_HTTP_STATUS: u32 = 200;
 const DEFAULT_HTTP_TIMEOUT_MS: u32 = 2_000;
 const DEFAULT_HTTP_RETRIES: u32 = 3;
 const DEFAULT_HTTP_INTERVAL_MS: u32 = 1_000;
 const DEFAULT_LATENCY_REQUESTS: u32 = 20;
+
+/// A step's timeout as a spec carries it in seconds, 0 meaning the default.
+pub fn step_timeout(seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(if seconds == 0 {
+        DEFAULT_STEP_TIMEOUT_SECONDS
+    } else {
+        seconds
+    }))
+}
+
+/// A command build's timeout as a spec carries it in seconds, 0 meaning the default.
+pub fn build_timeout(seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(if seconds == 0 {
+        DEFAULT_BUILD_TIMEOUT_SECONDS
+    } else {
+        seconds
+    }))
+}
 const DEFAULT_LATENCY_PERCENTILE: f64 = 95.0;
 const DEFAULT_SMOKE_TIMEOUT_MS: u32 = 30_000;
 const DEFAULT_METRIC_TIMEOUT_MS: u32 = 5_000;

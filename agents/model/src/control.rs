@@ -10,12 +10,10 @@ use std::collections::BTreeMap;
 
 use baton_proto::v1::{envelope::Payload, Measurement, ReleaseSpec, Strategy};
 
+use crate::config::DEFAULT_CANARY_WEIGHTS;
 use crate::event::Event;
 use crate::fold::{fold, ReleaseState, Status};
 use crate::names::ReleaseId;
-
-/// The default canary steps (the deployer's too).
-pub const CANARY_STEPS: [u32; 5] = [10, 25, 50, 75, 100];
 
 /// The longest reason a person may give to a command.
 pub const MAX_REASON: usize = 500;
@@ -83,7 +81,10 @@ pub fn plan(spec: &ReleaseSpec) -> Vec<StepDef> {
                         until_promoted: s.pause_until_promoted,
                     })
                     .collect(),
-                None => CANARY_STEPS.iter().map(|w| StepDef::at(*w)).collect(),
+                None => DEFAULT_CANARY_WEIGHTS
+                    .iter()
+                    .map(|w| StepDef::at(*w))
+                    .collect(),
             };
             if steps.last().is_none_or(|s| s.weight != 100) {
                 steps.push(StepDef::at(100));
@@ -848,7 +849,7 @@ mod tests {
             ],
             "manual promotion holds before the switch"
         );
-        assert_eq!(weights(Strategy::Canary, &[]), CANARY_STEPS);
+        assert_eq!(weights(Strategy::Canary, &[]), DEFAULT_CANARY_WEIGHTS);
         assert_eq!(weights(Strategy::Canary, &[(20, 0, false)]), [20, 100]);
     }
 

@@ -12,15 +12,12 @@
 
 use baton_proto::v1::{ReleaseSpec, Strategy};
 
+use crate::config::{DEFAULT_BUILD_TIMEOUT_SECONDS, DEFAULT_STEP_TIMEOUT_SECONDS};
 use crate::control::{analysed, plan, strategy};
 use crate::fold::ReleaseState;
 
 /// The margin on each budget when the spec sets none.
 pub const DEFAULT_MARGIN_SECONDS: u32 = 60;
-/// A step's timeout when the spec sets none (the deployer's too).
-pub const DEFAULT_STEP_TIMEOUT_SECONDS: u32 = 300;
-/// A command build's timeout when the spec sets none (the builder's too).
-pub const DEFAULT_BUILD_TIMEOUT_SECONDS: u32 = 900;
 /// Resolving a pushed image (the builder retries an unreachable registry for about this long).
 pub const RESOLVE_SECONDS: u32 = 60;
 /// An analysis' duration and interval when the spec sets none (the health-checker's too).

@@ -11,6 +11,7 @@ use kube::Api;
 use serde_json::json;
 
 use baton_core::bus::LOCKS_BUCKET;
+use baton_core::config::step_timeout;
 use baton_core::deadline::{self, Deadline};
 use baton_core::event::{timestamp_ms, Event, EventType};
 use baton_core::fence::Writer;
@@ -28,7 +29,6 @@ use crate::bluegreen;
 use crate::decide::{decide, Action};
 use crate::error::{Error, Result};
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a release held by a person (or queued) is looked at again by its deadline watch.
 const HELD_RECHECK: Duration = Duration::from_secs(120);
 
@@ -265,16 +265,13 @@ impl RollbackAgent {
             (Some(spec), _) => Target {
                 namespace: spec.namespace.clone(),
                 app: spec.app.clone(),
-                timeout: match spec.step_timeout_seconds {
-                    0 => DEFAULT_TIMEOUT,
-                    s => Duration::from_secs(u64::from(s)),
-                },
+                timeout: step_timeout(spec.step_timeout_seconds),
                 manual: false,
             },
             (None, Some(req)) if !req.namespace.is_empty() => Target {
                 namespace: req.namespace.clone(),
                 app: req.app.clone(),
-                timeout: DEFAULT_TIMEOUT,
+                timeout: step_timeout(0),
                 manual: true,
             },
             _ => {

@@ -10,7 +10,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use baton_core::event::{Event, EventType as T};
+use baton_core::bus::EVENTS_STREAM;
+use baton_core::busconfig::Definitions;
+use baton_core::event::{Event, EventType as T, Role};
 use baton_core::fold::{fold, Status};
 use baton_core::ids::EventKey;
 use baton_core::names::{AppName, EnvName, ReleaseId};
@@ -667,15 +669,63 @@ async fn wait_paused(baton: &Baton, rid: ReleaseId, step: u32) -> Result<Vec<Eve
     .await
 }
 
+/// Waits until the deployer has acked every event it reacts to that is in the stream: whatever
+/// it would do about them, it has done.
+async fn deployer_has_handled_everything(baton: &Baton) -> Result<()> {
+    let admin = baton.bus.bus("admin").await?;
+    let stream = admin.jetstream().get_stream(EVENTS_STREAM).await?;
+    let durables: Vec<String> = Definitions::embedded()?
+        .consumers_for(Role::Deployer, baton_tests::CLUSTER)
+        .into_iter()
+        .map(|c| c.durable)
+        .collect();
+    ensure!(!durables.is_empty(), "the deployer has no consumers");
+    baton_tests::eventually(
+        "the deployer has handled every event",
+        Duration::from_secs(60),
+        || {
+            let (stream, durables) = (&stream, &durables);
+            async move {
+                for durable in durables {
+                    let info = stream.consumer_info(durable).await?;
+                    if info.num_pending > 0 || info.num_ack_pending > 0 {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            }
+        },
+    )
+    .await
+}
+
+/// `baton release web --wait` running in the background, as it follows its release.
+struct Following {
+    /// Each line of its output as it is printed.
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Its exit code and its whole output, once it ends.
+    end: tokio::task::JoinHandle<Result<(Option<i32>, String)>>,
+}
+
+impl Following {
+    /// Waits until it prints a line containing `text`.
+    async fn prints(&mut self, text: &str, timeout: Duration) -> Result<()> {
+        tokio::time::timeout(timeout, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(text) {
+                    return Ok(());
+                }
+            }
+            bail!("baton release --wait ended without printing {text:?}")
+        })
+        .await
+        .with_context(|| format!("baton release --wait did not print {text:?}"))?
+    }
+}
+
 /// `baton release web --wait` running in the background: its release id (read from its first
-/// line) and the rest of its output when it ends.
-async fn release_in_background(
-    baton: &Baton,
-    image: &str,
-) -> Result<(
-    ReleaseId,
-    tokio::task::JoinHandle<Result<(Option<i32>, String)>>,
-)> {
+/// line), and its output as it follows the release.
+async fn release_in_background(baton: &Baton, image: &str) -> Result<(ReleaseId, Following)> {
     let mut child = tokio::process::Command::new(target_bin("baton")?)
         .args([
             "release",
@@ -704,17 +754,26 @@ async fn release_in_background(
         .split_whitespace()
         .find_map(|w| ReleaseId::parse(w.trim_end_matches(':')).ok())
         .with_context(|| format!("no release id in {first:?}"))?;
-    let rest = tokio::spawn(async move {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let end = tokio::spawn(async move {
         let mut out = format!("{first}\n");
         while let Some(line) = lines.next_line().await? {
             out.push_str(&line);
             out.push('\n');
+            // Nobody may be listening any more: the whole output is in `out` too.
+            let _ = sender.send(line);
         }
         let status = child.wait_with_output().await?;
         out.push_str(&String::from_utf8_lossy(&status.stderr));
         Ok((status.status.code(), out))
     });
-    Ok((rid, rest))
+    Ok((
+        rid,
+        Following {
+            lines: receiver,
+            end,
+        },
+    ))
 }
 
 async fn a_pause_until_promoted_step_holds_the_release_until_baton_promote() -> Result<()> {
@@ -725,11 +784,15 @@ async fn a_pause_until_promoted_step_holds_the_release_until_baton_promote() -> 
     )
     .await?;
     let (image, digest) = baton.push("v2", &[("BATON_SIM_HEALTH", "ok")]).await?;
-    let (rid, following) = release_in_background(&baton, &image).await?;
+    let (rid, mut following) = release_in_background(&baton, &image).await?;
     let id = rid.to_string();
     wait_paused(&baton, rid, 0).await?;
-    // Held: after more than one progress tick (10 s), still no step after the gate.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Held: `baton release --wait` says what it waits for once it has printed nothing for a
+    // while, and nothing went past the gate. (That nothing goes past it until the promotion is
+    // shown by the order of the events below.)
+    let waiting =
+        format!("step 0 (1 of 2) at 50%: waiting for a person to promote (baton promote {id})");
+    following.prints(&waiting, Duration::from_secs(60)).await?;
     let events = baton.events(rid).await?;
     ensure!(
         steps_started(&events) == [0],
@@ -769,16 +832,10 @@ async fn a_pause_until_promoted_step_holds_the_release_until_baton_promote() -> 
         "baton promote --wait:\n{}",
         text(&out)
     );
-    let (code, followed) = following.await??;
+    let (code, followed) = following.end.await??;
     ensure!(
         code == Some(0),
         "baton release --wait exited {code:?}:\n{followed}"
-    );
-    ensure!(
-        followed.contains(&format!(
-            "step 0 (1 of 2) at 50%: waiting for a person to promote (baton promote {id})"
-        )),
-        "the progress line of baton release --wait does not say what it waits for:\n{followed}"
     );
     let events = baton.events(rid).await?;
     let state = fold(&events);
@@ -957,11 +1014,12 @@ async fn pause_and_resume_hold_and_continue_a_running_canary() -> Result<()> {
         "baton pause --wait:\n{}",
         text(&out)
     );
-    // The step's analysis still ends; then nothing moves.
+    // The step's analysis still ends; then nothing moves: once the deployer has handled the
+    // verdict (acked it, and every other event it reacts to), no step has started.
     baton
         .wait_for_event(rid, T::AnalysisPassed, Duration::from_secs(120))
         .await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    deployer_has_handled_everything(&baton).await?;
     let events = baton.events(rid).await?;
     ensure!(
         steps_started(&events) == [0],

@@ -1,5 +1,6 @@
 //! Garbage on every agent's subjects — bytes, wrong types, huge payloads, names that are not DNS
-//! labels — ends in dead letters with reasons, while the agents keep working and releases go on.
+//! labels, and on the notifier's outbox what is not a notification — ends in dead letters with
+//! reasons, while the six agents keep working and releases go on.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use baton_core::names::ReleaseId;
 use baton_proto::v1::{envelope::Payload, *};
 use baton_tests::harness::trial;
 use baton_tests::release::Baton;
-use baton_tests::CLUSTER;
+use baton_tests::{AgentProcess, CLUSTER};
 use futures::StreamExt;
 use libtest_mimic::Trial;
 
@@ -53,6 +54,24 @@ fn other_type_payload(t: EventType) -> Payload {
     }
 }
 
+/// What the dead letters of an agent's garbage say, one of each.
+const EXPECTED: [&str; 4] = [
+    "not a protobuf envelope",
+    "subject says",
+    "larger than the limit",
+    "not a DNS label",
+];
+
+/// The notifier's: the garbage of every event, and that of its outbox.
+const NOTIFIER_EXPECTED: [&str; 6] = [
+    "not a protobuf envelope",
+    "subject says",
+    "larger than the limit",
+    "not a DNS label",
+    "not a notification:",
+    "not a notification subject",
+];
+
 fn source() -> Source {
     Source {
         agent: "garbage".into(),
@@ -61,8 +80,27 @@ fn source() -> Source {
     }
 }
 
+/// The notifier, with a secrets file of no channel (no notification is routed anywhere here).
+async fn start_notifier(baton: &mut Baton) -> Result<()> {
+    let dir = baton.bus.sandbox.dir().join("notifier");
+    std::fs::create_dir_all(&dir)?;
+    let secrets = dir.join("webhooks.yaml");
+    std::fs::write(&secrets, "{}\n")?;
+    let secrets = secrets.display().to_string();
+    let notifier = AgentProcess::start(
+        &baton.bus,
+        "notifier",
+        &[("BATON_NOTIFIER_SECRETS", secrets.as_str())],
+        baton.bus.sandbox.dir(),
+    )
+    .await?;
+    baton.agents.push(notifier);
+    Ok(())
+}
+
 async fn garbage_on_every_agent_subject_is_dead_lettered_and_releases_go_on() -> Result<()> {
-    let baton = Baton::start("garbage").await?;
+    let mut baton = Baton::start("garbage").await?;
+    start_notifier(&mut baton).await?;
     let types: std::collections::BTreeSet<EventType> = Definitions::embedded()?
         .concrete_consumers(&[CLUSTER.to_owned()])
         .iter()
@@ -98,6 +136,23 @@ async fn garbage_on_every_agent_subject_is_dead_lettered_and_releases_go_on() ->
         }
     }
 
+    // The notifier's outbox takes only notifications: the rest is dead-lettered too.
+    let outbox = jetstream::new(baton.bus.sandbox.nats_client("notifier").await?);
+    let rid = ReleaseId::generate();
+    for (subject, payload) in [
+        (baton_core::subject::notification("team", rid), "not json"),
+        (format!("baton.v1.notify.Not_A_Channel.{rid}"), "{}"),
+    ] {
+        outbox
+            .publish(
+                subject.clone(),
+                bytes::Bytes::from_static(payload.as_bytes()),
+            )
+            .await?
+            .await
+            .with_context(|| format!("publishing garbage on {subject}"))?;
+    }
+
     // Releases are not harmed: a good one still goes through.
     let (image, _) = baton.push("v2", &[]).await?;
     let (code, _, out) = baton.release(&image, true).await?;
@@ -106,19 +161,7 @@ async fn garbage_on_every_agent_subject_is_dead_lettered_and_releases_go_on() ->
     // Every agent dead-lettered what reached it, each with a reason.
     let js = jetstream::new(baton.bus.sandbox.nats_client("admin").await?);
     let stream = js.get_stream("BATON_DLQ").await?;
-    let expected = [
-        "not a protobuf envelope",
-        "subject says",
-        "larger than the limit",
-        "not a DNS label",
-    ];
-    for agent in [
-        "builder",
-        "deployer",
-        "health-checker",
-        "rollback",
-        "metrics",
-    ] {
+    for agent in Role::AGENTS.map(|r| r.as_str()) {
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: format!("baton.v1.dlq.{agent}"),
@@ -126,7 +169,15 @@ async fn garbage_on_every_agent_subject_is_dead_lettered_and_releases_go_on() ->
             })
             .await?;
         let pending = consumer.cached_info().num_pending as usize;
-        ensure!(pending >= 4, "{agent} dead-lettered {pending} messages");
+        let expected: &[&str] = if agent == "notifier" {
+            &NOTIFIER_EXPECTED
+        } else {
+            &EXPECTED
+        };
+        ensure!(
+            pending >= expected.len(),
+            "{agent} dead-lettered {pending} messages"
+        );
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         let mut messages = consumer.messages().await?;
         for _ in 0..pending {
@@ -151,18 +202,22 @@ async fn garbage_on_every_agent_subject_is_dead_lettered_and_releases_go_on() ->
             "{agent} dead-lettered only {reasons:?}"
         );
     }
-    // The metrics agent sees every event, so it dead-lettered every piece of garbage.
-    let metrics = baton
-        .agents
-        .iter()
-        .find(|a| a.name == "metrics")
-        .context("metrics agent")?;
-    let dead = metrics
-        .metric("baton_events_handled_total{consumer=\"metrics-all\",outcome=\"dead_letter\"}")
-        .await?;
-    ensure!(
-        dead as usize == published,
-        "the metrics agent dead-lettered {dead} of {published}"
-    );
+    // The metrics agent and the notifier see every event, so each dead-lettered every piece of
+    // garbage on the event stream.
+    for agent in ["metrics", "notifier"] {
+        let process = baton
+            .agents
+            .iter()
+            .find(|a| a.name == agent)
+            .with_context(|| format!("no {agent} agent"))?;
+        let series = format!(
+            "baton_events_handled_total{{consumer=\"{agent}-all\",outcome=\"dead_letter\"}}"
+        );
+        let dead = process.metric(&series).await?;
+        ensure!(
+            dead as usize == published,
+            "the {agent} agent dead-lettered {dead} of {published}"
+        );
+    }
     Ok(())
 }

@@ -34,7 +34,7 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-const PORT: i32 = 8080;
+use baton_tests::release::PORT;
 const ENV: &str = "staging";
 
 /// A test's app on the shared cluster, the bus, and the health-checker running against both.

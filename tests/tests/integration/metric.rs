@@ -1,7 +1,9 @@
 //! Metric analysis against a real Prometheus (Debian's `prometheus`), which scrapes the simulated
 //! pods' `/metrics` every second; it finds them by file-based discovery, kept up to date from a
-//! watch of the test's namespace (Debian builds Prometheus without Kubernetes discovery). The health-checker's latency check drives the traffic that moves the
-//! counters; the canary is judged by its error rate as Prometheus computes it.
+//! watch of the test's namespace (Debian builds Prometheus without Kubernetes discovery). The
+//! health-checker's latency check drives the traffic that moves the counters; the canary is
+//! judged by its error rate as Prometheus computes it — with the queries the README and
+//! `examples/` ship, read from them as written.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,14 +12,15 @@ use anyhow::{ensure, Context, Result};
 use baton_core::event::EventType;
 use baton_proto::v1::{envelope::Payload, Measurement};
 use baton_sandbox::PrometheusServer;
+use baton_tests::docs::{shipped_prometheus_checks, ShippedCheck};
 use baton_tests::harness::trial;
 use baton_tests::release::{Baton, PORT};
 use libtest_mimic::Trial;
 
 pub fn trials() -> Vec<Trial> {
     crate::trials![
-        a_healthy_canary_is_promoted_on_its_error_rate,
-        a_canary_failing_a_share_of_requests_is_rolled_back_on_its_error_rate_while_its_health_checks_pass,
+        a_healthy_canary_is_promoted_on_every_shipped_query_as_written,
+        a_canary_failing_a_share_of_requests_is_rolled_back_on_the_shipped_error_rate_while_its_health_checks_pass,
         prometheus_stopped_mid_analysis_fails_the_step_as_configured,
         an_inconclusive_analysis_holds_the_release_for_a_person_who_promotes_or_aborts,
         a_webhook_is_sent_the_release_and_its_answer_decides_the_step,
@@ -26,16 +29,32 @@ pub fn trials() -> Vec<Trial> {
 
 const END: Duration = Duration::from_secs(240);
 
-/// The share of the canary's requests answered 500, over the window.
-const ERROR_RATE: &str = r#"sum(rate(http_requests_total{namespace="{{namespace}}",pod=~"{{pods}}",code="500"}[{{window}}])) / sum(rate(http_requests_total{namespace="{{namespace}}",pod=~"{{pods}}"}[{{window}}]))"#;
+/// A shipped check as written, named for the test and asking the test's Prometheus at
+/// `{address}` (the one thing a user changes), as one YAML list item.
+fn as_test_check(shipped: &ShippedCheck) -> Result<String> {
+    let mut check = shipped.check.clone();
+    check["name"] = shipped.test_name().into();
+    check["prometheus"]["address"] = "{address}".into();
+    Ok(serde_yaml_ng::to_string(&vec![check])?)
+}
+
+/// The error rate `examples/baton.yaml` ships.
+fn example_error_rate() -> Result<String> {
+    shipped_prometheus_checks()?
+        .into_iter()
+        .find(|s| s.place == "example-baton" && s.name() == "error-rate")
+        .context("examples/baton.yaml ships no error-rate check")?
+        .query()
+}
+
+/// The analysis of the example's app `web`: rounds 5 s apart, so that its `error_limit` of 4
+/// covers the first scrapes of a fresh canary as it would in production.
+const EXAMPLE_ANALYSIS: &str = "{duration: 30s, interval: 5s, failure_limit: 1}";
 
 /// A Baton whose app `web` is a canary judged by its health, a latency check that
-/// drives traffic (and tolerates any error share), and the error rate from `prometheus`.
-async fn start(
-    prefix: &str,
-    analysis_seconds: u32,
-    error_limit: u32,
-) -> Result<(Baton, PrometheusServer)> {
+/// drives traffic (and tolerates any error share), and the metric `checks` (YAML list items,
+/// `{address}` replaced by the address of the test's Prometheus).
+async fn start(prefix: &str, analysis: &str, checks: &str) -> Result<(Baton, PrometheusServer)> {
     let baton = Baton::start(prefix).await?;
     let ns = baton.ns.name.clone();
     let http = reqwest::Client::builder().no_proxy().build()?;
@@ -47,22 +66,15 @@ async fn start(
         &http,
     )
     .await?;
-    let address = prometheus.url();
+    let checks = checks.replace("{address}", prometheus.url());
     baton
         .apply_config(&canary_config(
             &ns,
-            &format!("{{duration: {analysis_seconds}s, interval: 2s, failure_limit: 0}}"),
+            analysis,
             &format!(
-                r#"  - name: health
-    http: {{path: /health, retries: 10, interval: 100ms}}
-  - name: traffic
-    latency: {{path: /health, requests: 40, threshold: 1s, max_error_rate: 1}}
-  - name: error-rate
-    prometheus:
-      address: {address}
-      query: '{ERROR_RATE}'
-      condition: result < 0.1
-      error_limit: {error_limit}"#
+                "- name: health\n  http: {{path: /health, retries: 10, interval: 100ms}}\n\
+                 - name: traffic\n  latency: {{path: /health, requests: 40, threshold: 1s, max_error_rate: 1}}\n\
+                 {checks}"
             ),
         ))
         .await?;
@@ -135,40 +147,74 @@ fn reason_of(events: &[baton_core::event::Event]) -> String {
         .unwrap_or_default()
 }
 
-async fn a_healthy_canary_is_promoted_on_its_error_rate() -> Result<()> {
-    let (baton, prometheus) = start("prom-ok", 30, 10).await?;
-    let (_, events, _) = release_ending(&baton, "v2", "ok", EventType::ReleaseSucceeded).await?;
-    // The error rate was measured — values, not only tolerated errors — and met the condition.
-    let judged: Vec<Measurement> = measurements(&events)
+/// The shipped checks (those `keep` keeps) as written, asking the test's Prometheus.
+fn shipped_checks(keep: impl Fn(&ShippedCheck) -> bool) -> Result<(Vec<ShippedCheck>, String)> {
+    let shipped: Vec<ShippedCheck> = shipped_prometheus_checks()?
         .into_iter()
-        .filter(|m| m.check == "error-rate" && m.unit == "value")
+        .filter(keep)
         .collect();
+    let mut yaml = String::new();
+    for s in &shipped {
+        yaml.push_str(&as_test_check(s)?);
+    }
+    Ok((shipped, yaml))
+}
+
+async fn a_healthy_canary_is_promoted_on_every_shipped_query_as_written() -> Result<()> {
+    let (shipped, checks) = shipped_checks(|_| true)?;
+    let places: Vec<String> = shipped.iter().map(ShippedCheck::test_name).collect();
     ensure!(
-        !judged.is_empty() && judged.iter().all(|m| m.ok && m.value < 0.1),
-        "the error rate's measurements: {judged:?}"
+        places.iter().any(|p| p == "readme-error-rate")
+            && places.iter().any(|p| p == "example-baton-error-rate"),
+        "the README's and the example's error rates are not among the shipped queries: {places:?}"
     );
+    let (baton, prometheus) = start("prom-ok", EXAMPLE_ANALYSIS, &checks).await?;
+    let (_, events, _) = release_ending(&baton, "v2", "ok", EventType::ReleaseSucceeded).await?;
+    // Each query was measured — values, not only tolerated errors — and met its condition.
+    let all = measurements(&events);
+    for name in &places {
+        let judged: Vec<&Measurement> = all
+            .iter()
+            .filter(|m| &m.check == name && m.unit == "value")
+            .collect();
+        ensure!(
+            !judged.is_empty() && judged.iter().all(|m| m.ok),
+            "{name}'s measurements: {judged:?}"
+        );
+    }
     prometheus.stop().await?;
     Ok(())
 }
 
-async fn a_canary_failing_a_share_of_requests_is_rolled_back_on_its_error_rate_while_its_health_checks_pass(
+async fn a_canary_failing_a_share_of_requests_is_rolled_back_on_the_shipped_error_rate_while_its_health_checks_pass(
 ) -> Result<()> {
-    let (baton, prometheus) = start("prom-flaky", 30, 10).await?;
+    let (shipped, checks) = shipped_checks(|s| s.name() == "error-rate")?;
+    let names: Vec<String> = shipped.iter().map(ShippedCheck::test_name).collect();
+    ensure!(names.len() >= 2, "the shipped error rates: {names:?}");
+    let (baton, prometheus) = start("prom-flaky", EXAMPLE_ANALYSIS, &checks).await?;
     let before = baton.deployed_image().await?;
     let (_, events, reason) =
         release_ending(&baton, "v2", "flaky:0.3", EventType::ReleaseRolledBack).await?;
     ensure!(
-        reason.contains("check error-rate") && reason.contains("must be result < 0.1"),
+        names.iter().any(|n| reason.contains(&format!("check {n}"))),
         "the analysis failed for another reason: {reason}"
     );
-    // The pods' own checks passed: only the metric said no (besides the rounds' summary).
+    // Each shipped error rate measured the failures; the pods' own checks passed: only the
+    // metrics said no (besides the rounds' summary).
     let all = measurements(&events);
+    for name in &names {
+        ensure!(
+            all.iter()
+                .any(|m| &m.check == name && m.unit == "value" && !m.ok),
+            "{name} never measured the failures: {all:?}"
+        );
+    }
     let failing: Vec<&Measurement> = all
         .iter()
         .filter(|m| !m.ok && m.check != "analysis")
         .collect();
     ensure!(
-        !failing.is_empty() && failing.iter().all(|m| m.check == "error-rate"),
+        failing.iter().all(|m| names.contains(&m.check)),
         "failing measurements: {failing:?}"
     );
     ensure!(
@@ -187,7 +233,16 @@ async fn a_canary_failing_a_share_of_requests_is_rolled_back_on_its_error_rate_w
 async fn prometheus_stopped_mid_analysis_fails_the_step_as_configured() -> Result<()> {
     // Up to 8 rounds without data are tolerated while Prometheus finds the canary; once it is
     // gone, 9 errors in a row fail the step (the analysis' 31 rounds leave room for both).
-    let (baton, mut prometheus) = start("prom-down", 60, 8).await?;
+    let query = example_error_rate()?;
+    let (baton, mut prometheus) = start(
+        "prom-down",
+        "{duration: 60s, interval: 2s, failure_limit: 0}",
+        &format!(
+            "- name: error-rate\n  prometheus:\n    address: {{address}}\n    query: {}\n    condition: result < 0.1\n    error_limit: 8\n",
+            serde_json::to_string(&query)?
+        ),
+    )
+    .await?;
     let (image, _) = baton.push("v2", &[("BATON_SIM_HEALTH", "ok")]).await?;
     let rid = baton.release_of("web", &image, &[]).await?;
     baton
@@ -195,7 +250,7 @@ async fn prometheus_stopped_mid_analysis_fails_the_step_as_configured() -> Resul
         .await?;
     // Prometheus has the canary's error rate (the analysis reads it too), then it dies.
     let http = reqwest::Client::builder().no_proxy().build()?;
-    let query = ERROR_RATE
+    let query = query
         .replace("{{namespace}}", &baton.ns.name)
         .replace("{{pods}}", "web-canary-.*")
         .replace("{{window}}", "10s");
@@ -234,6 +289,7 @@ async fn an_inconclusive_analysis_holds_the_release_for_a_person_who_promotes_or
     // A Prometheus that never answers (nothing listens there), and `on_error: inconclusive`:
     // past 2 errors in a row each step's analysis ends without a verdict.
     let baton = Baton::start("prom-inconclusive").await?;
+    let query = serde_json::to_string(&example_error_rate()?)?;
     let gone = format!("http://127.0.0.1:{}", baton_sandbox::process::free_port()?);
     baton
         .apply_config(&canary_config(
@@ -245,7 +301,7 @@ async fn an_inconclusive_analysis_holds_the_release_for_a_person_who_promotes_or
   - name: error-rate
     prometheus:
       address: {gone}
-      query: '{ERROR_RATE}'
+      query: {query}
       condition: result < 0.1
       error_limit: 2
       on_error: inconclusive"#

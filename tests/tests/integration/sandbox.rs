@@ -24,7 +24,7 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-const PORT: i32 = 8080;
+use baton_tests::release::PORT;
 
 /// Waits for the first pod state of `app` in `ns` that `check` accepts, watching (not polling).
 async fn wait_pod<T>(

@@ -11,6 +11,7 @@ use baton_tests::harness::trial;
 use baton_tests::release::{app_config, Baton};
 use baton_tests::target_bin;
 use libtest_mimic::Trial;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 pub fn trials() -> Vec<Trial> {
     crate::trials![
@@ -20,6 +21,13 @@ pub fn trials() -> Vec<Trial> {
 }
 
 const END: Duration = Duration::from_secs(120);
+
+/// A `baton` process following a release: `attached` fires at its first line of output, and
+/// `output` yields its exit status, stdout and stderr once it ends.
+struct Attached {
+    attached: tokio::sync::oneshot::Receiver<()>,
+    output: tokio::task::JoinHandle<Result<(std::process::ExitStatus, String, String)>>,
+}
 
 async fn a_release_with_its_own_steps_is_listed_watched_and_followed_to_its_end() -> Result<()> {
     let baton = Baton::start("cli-watch").await?;
@@ -53,41 +61,68 @@ async fn a_release_with_its_own_steps_is_listed_watched_and_followed_to_its_end(
         "baton list --output json: {rows}"
     );
 
-    // Re-attach twice, as two people would, then let the release go on.
-    let spawn = |args: &[&str]| -> Result<_> {
-        let bin = target_bin("baton")?;
-        let env = baton.bus.process_env();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Ok(async move {
-            tokio::process::Command::new(bin)
-                .args(args)
-                .envs(env)
-                .kill_on_drop(true)
-                .output()
-                .await
-        })
+    // Re-attach twice, as two people would, then let the release go on once both have read the
+    // release (their first line of output), so that the promotion is news to each.
+    let attach = |args: &[&str]| -> Result<Attached> {
+        let mut child = tokio::process::Command::new(target_bin("baton")?)
+            .args(args)
+            .envs(baton.bus.process_env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut stderr = child.stderr.take().context("no stderr")?;
+        let errors = tokio::spawn(async move {
+            let mut text = String::new();
+            stderr.read_to_string(&mut text).await.map(|_| text)
+        });
+        let (first, attached) = tokio::sync::oneshot::channel();
+        let output = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut text = String::new();
+            let mut first = Some(first);
+            while let Some(line) = lines.next_line().await? {
+                text.push_str(&line);
+                text.push('\n');
+                if let Some(first) = first.take() {
+                    let _ = first.send(());
+                }
+            }
+            let status = child.wait().await?;
+            Ok((status, text, errors.await??))
+        });
+        Ok(Attached { attached, output })
     };
     let id = rid.to_string();
-    let watch = tokio::spawn(spawn(&["status", &id, "--watch"])?);
-    let follow = tokio::spawn(spawn(&["logs", &id, "--follow"])?);
-    // Both are attached once the stream is read; the promotion comes after.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let watch = attach(&["status", &id, "--watch"])?;
+    let follow = attach(&["logs", &id, "--follow"])?;
+    for (what, attached) in [
+        ("status --watch", watch.attached),
+        ("logs --follow", follow.attached),
+    ] {
+        tokio::time::timeout(END, attached)
+            .await
+            .with_context(|| format!("baton {what} printed nothing"))?
+            .with_context(|| format!("baton {what} ended before it printed anything"))?;
+    }
     let promote = baton.baton(&["promote", &id]).await?;
     ensure!(
         promote.status.success(),
         "baton promote: {}",
         String::from_utf8_lossy(&promote.stderr)
     );
-    for (what, task) in [("status --watch", watch), ("logs --follow", follow)] {
-        let out = tokio::time::timeout(END, task)
+    for (what, task) in [
+        ("status --watch", watch.output),
+        ("logs --follow", follow.output),
+    ] {
+        let (status, text, stderr) = tokio::time::timeout(END, task)
             .await
             .with_context(|| format!("baton {what} did not end with the release"))???;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         ensure!(
-            out.status.success() && text.contains(&format!("release {rid} succeeded")),
-            "baton {what} exited {:?}:\n{text}{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
+            status.success() && text.contains(&format!("release {rid} succeeded")),
+            "baton {what} exited {:?}:\n{text}{stderr}",
+            status.code(),
         );
         ensure!(
             text.contains("release.promote_requested") && text.contains("release.succeeded"),
