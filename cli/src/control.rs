@@ -267,6 +267,8 @@ async fn answer(
         _ => t == EventType::ReleaseResumed,
     };
     let mut reader = bus
+        .clone()
+        .reading_from_any_replica()
         .follow_events(&subject::release_events(rid), after + 1)
         .await
         .map_err(|e| anyhow!("following the release: {e}"))?;

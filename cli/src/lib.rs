@@ -175,6 +175,13 @@ pub async fn connect_as(nats: &NatsArgs, user: &str) -> anyhow::Result<Bus> {
         .with_context(|| format!("connecting to NATS at {}", nats.url))
 }
 
+/// Connects as the CLI's user for reading only (`status`, `logs`, `list`, a release followed
+/// live): any replica of a stream answers (see [`Bus::reading_from_any_replica`]), so these
+/// answer at once while a stream elects a leader. Commands decide from their leader's reads.
+pub async fn connect_reader(nats: &NatsArgs) -> anyhow::Result<Bus> {
+    Ok(connect(nats).await?.reading_from_any_replica())
+}
+
 fn source() -> baton_core::bus::Source {
     baton_core::bus::Source {
         agent: "cli".into(),

@@ -2,7 +2,7 @@
 //! never a scan of the history), each with where it is and what it waits for.
 
 use anyhow::Context;
-use baton_core::bus::{NatsArgs, LOCKS_BUCKET};
+use baton_core::bus::NatsArgs;
 use baton_core::control::Progress;
 use baton_core::lock;
 
@@ -23,9 +23,8 @@ pub struct ListArgs {
 }
 
 pub async fn list(nats: &NatsArgs, args: ListArgs) -> anyhow::Result<()> {
-    let bus = crate::connect(nats).await?;
-    let store = bus.kv(LOCKS_BUCKET).await.context("opening the locks")?;
-    let open = lock::open_releases(&bus, &store)
+    let bus = crate::connect_reader(nats).await?;
+    let open = lock::open_releases(&bus)
         .await
         .context("reading the open releases")?;
     let now = now_ms();

@@ -382,7 +382,11 @@ pub(crate) async fn follow(
     timeout: Duration,
     from: FollowFrom,
 ) -> anyhow::Result<ExitCode> {
+    // Whichever replica answers first: a person's view, which goes on while a stream elects a
+    // leader (a replica a moment behind shows an event a moment later).
     let mut reader = bus
+        .clone()
+        .reading_from_any_replica()
         .follow_events(&subject::release_events(rid), 1)
         .await
         .map_err(|e| anyhow!("following the release: {e}"))?;
@@ -735,7 +739,7 @@ pub(crate) fn event_json(e: &Event) -> serde_json::Value {
 
 async fn history_of(nats: &NatsArgs, id: &str) -> anyhow::Result<(ReleaseId, Vec<Event>)> {
     let rid = ReleaseId::parse(id).map_err(|e| anyhow!("{e}"))?;
-    let bus = crate::connect(nats).await?;
+    let bus = crate::connect_reader(nats).await?;
     let events = bus.release_history(rid).await?;
     if events.is_empty() {
         bail!("no release {rid}: the event stream has no events of it");
@@ -759,7 +763,7 @@ pub async fn status(nats: &NatsArgs, args: StatusArgs) -> anyhow::Result<ExitCod
     if args.output == Output::Text {
         println!("\nwatching release {rid} (Ctrl-C stops watching; the release goes on)");
     }
-    let bus = crate::connect(nats).await?;
+    let bus = crate::connect_reader(nats).await?;
     follow(
         &bus,
         rid,
@@ -941,7 +945,7 @@ pub async fn logs(nats: &NatsArgs, args: LogsArgs) -> anyhow::Result<ExitCode> {
     let timeout = parse_duration(&args.timeout).context("--timeout")?;
     if args.follow {
         let (rid, _) = history_of(nats, &args.id).await?;
-        let bus = crate::connect(nats).await?;
+        let bus = crate::connect_reader(nats).await?;
         return follow(&bus, rid, args.output, timeout, FollowFrom::Start).await;
     }
     let (_, events) = history_of(nats, &args.id).await?;

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{KeyValueErrorKind, PublishErrorKind};
 pub use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::{self, message::PublishMessage, stream::RawMessageErrorKind};
+use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{ConnectOptions, HeaderMap};
 use tokio::sync::broadcast;
 
@@ -164,6 +165,11 @@ pub enum InitialConnect {
 /// violations arrive asynchronously; publish uses the feed to turn them into clear errors).
 #[derive(Clone)]
 pub struct Bus {
+    /// Whether reads of a stream may be answered by any of its replicas (see
+    /// [`Bus::reading_from_any_replica`]).
+    any_replica: bool,
+    /// The handles of the buckets used so far (see [`Bus::kv`]).
+    buckets: Arc<std::sync::Mutex<std::collections::HashMap<String, jetstream::kv::Store>>>,
     client: async_nats::Client,
     js: jetstream::Context,
     server_errors: broadcast::Sender<String>,
@@ -225,7 +231,20 @@ impl Bus {
             js,
             server_errors,
             source: Arc::new(source),
+            buckets: Arc::default(),
+            any_replica: false,
         })
+    }
+
+    /// This bus, its stream reads answered by whichever replica answers first (a direct get)
+    /// instead of by each stream's leader: for people's reads (`baton status`, `logs`, `list`,
+    /// a release followed live), which then answer at once while a stream elects a leader, and
+    /// even with no quorum. A replica may be a few messages behind its leader, never ahead or
+    /// out of order: such a read may miss the newest events for a moment, which a person's view
+    /// can, and an agent's decision must not — agents read from the leader.
+    pub fn reading_from_any_replica(mut self) -> Bus {
+        self.any_replica = true;
+        self
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -423,15 +442,49 @@ impl Bus {
         Ok((events, more))
     }
 
-    /// A key-value bucket of the bus (locks, configuration).
+    /// A key-value bucket of the bus (locks, configuration). Its handle is made once per
+    /// connection, from the bucket's stream info, which only the stream's leader gives: asked
+    /// again (3 s each, with back-off, for up to 30 s) while the stream elects a leader, then
+    /// kept, so that no later read or write of the bucket waits on it.
     pub async fn kv(&self, bucket: &str) -> Result<jetstream::kv::Store> {
-        self.js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| Error::Stream {
-                stream: format!("KV_{bucket}"),
-                message: e.to_string(),
-            })
+        if let Some(store) = self.lock_buckets().get(bucket) {
+            return Ok(store.clone());
+        }
+        let failed = |message: String| Error::Stream {
+            stream: format!("KV_{bucket}"),
+            message,
+        };
+        let mut waits = crate::retry::policy(READ_BUDGET);
+        let store = loop {
+            let failure =
+                match tokio::time::timeout(BUCKET_TIMEOUT, self.js.get_key_value(bucket)).await {
+                    Ok(Ok(store)) => break store,
+                    // A bucket that does not exist is not waited for.
+                    Ok(Err(e)) if e.kind() == KeyValueErrorKind::InvalidStoreName => {
+                        return Err(failed(e.to_string()))
+                    }
+                    Ok(Err(e)) if e.to_string().contains("stream not found") => {
+                        return Err(failed(e.to_string()))
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {}s", BUCKET_TIMEOUT.as_secs()),
+                };
+            match waits.next() {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(failed(failure)),
+            }
+        };
+        self.lock_buckets().insert(bucket.to_owned(), store.clone());
+        Ok(store)
+    }
+
+    fn lock_buckets(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, jetstream::kv::Store>> {
+        // A panic while the map is held leaves it whole: a poisoned lock is used as it is.
+        self.buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The role a user name stands for, for logs.
@@ -443,6 +496,12 @@ impl Bus {
 /// How long one get waits for the stream's leader: short, so that a get sent while the stream
 /// elects a new leader (its old one gone) is sent again soon after the election.
 const GET_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a get that any replica may answer waits: one that reached a replica that does not
+/// answer (one catching up) is sent again, most likely to another, instead of holding a
+/// person's read for seconds.
+const REPLICA_GET_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one request for a bucket's stream info waits for the stream's leader.
+const BUCKET_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a read keeps asking before it gives up: longer than an election takes.
 const READ_BUDGET: Duration = Duration::from_secs(30);
 /// How often a follower asks for the next message while there is none: from the first wait to
@@ -453,6 +512,7 @@ const FOLLOW_POLL: (Duration, Duration) = (Duration::from_millis(100), Duration:
 /// history of a release, a release followed live, the keys of a bucket.
 pub struct StreamReader {
     stream: jetstream::stream::Stream<()>,
+    any_replica: bool,
     filter: String,
     next_sequence: u64,
     poll: Duration,
@@ -473,6 +533,7 @@ impl StreamReader {
             .map_err(|e| e.to_string())?;
         Ok(StreamReader {
             stream,
+            any_replica: bus.any_replica,
             filter: filter.to_owned(),
             next_sequence: from.max(1),
             poll: FOLLOW_POLL.0,
@@ -490,20 +551,20 @@ impl StreamReader {
         let started = tokio::time::Instant::now();
         let mut waits = crate::retry::policy(READ_BUDGET);
         loop {
-            let get = self
-                .stream
-                .get_first_raw_message_by_subject(&self.filter, self.next_sequence);
-            let failure = match tokio::time::timeout(GET_TIMEOUT, get).await {
-                Ok(Ok(message)) => {
+            let timeout = if self.any_replica {
+                REPLICA_GET_TIMEOUT
+            } else {
+                GET_TIMEOUT
+            };
+            let failure = match tokio::time::timeout(timeout, self.get()).await {
+                Ok(Got::Message(message)) => {
                     self.next_sequence = message.sequence + 1;
                     return Ok(Some(message));
                 }
-                Ok(Err(e)) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
-                Ok(Err(e)) if is_permanent(&e.kind()) => {
-                    return Err(format!("{}: {e}", self.filter))
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {}s", GET_TIMEOUT.as_secs()),
+                Ok(Got::End) => return Ok(None),
+                Ok(Got::Refused(e)) => return Err(format!("{}: {e}", self.filter)),
+                Ok(Got::Failed(e)) => e,
+                Err(_) => format!("no answer within {timeout:?}"),
             };
             match waits.next() {
                 Some(wait) => {
@@ -520,6 +581,35 @@ impl StreamReader {
         }
     }
 
+    /// One get of the first message from `next_sequence` on.
+    async fn get(&self) -> Got {
+        if self.any_replica {
+            match self
+                .stream
+                .direct_get_next_for_subject(&self.filter, Some(self.next_sequence))
+                .await
+            {
+                Ok(message) => Got::Message(message),
+                Err(e) => match e.kind() {
+                    DirectGetErrorKind::NotFound => Got::End,
+                    DirectGetErrorKind::InvalidSubject => Got::Refused(e.to_string()),
+                    _ => Got::Failed(e.to_string()),
+                },
+            }
+        } else {
+            match self
+                .stream
+                .get_first_raw_message_by_subject(&self.filter, self.next_sequence)
+                .await
+            {
+                Ok(message) => Got::Message(message),
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Got::End,
+                Err(e) if is_permanent(&e.kind()) => Got::Refused(e.to_string()),
+                Err(e) => Got::Failed(e.to_string()),
+            }
+        }
+    }
+
     /// The next message, waiting for it to be stored: asks again every 100 ms, then less often
     /// (up to every second) while nothing comes.
     pub async fn next(&mut self) -> std::result::Result<StreamMessage, String> {
@@ -532,6 +622,17 @@ impl StreamReader {
             self.poll = (self.poll * 2).min(FOLLOW_POLL.1);
         }
     }
+}
+
+/// What one get found.
+enum Got {
+    Message(StreamMessage),
+    /// No message from that sequence on (yet).
+    End,
+    /// A get that will fail the same way again.
+    Refused(String),
+    /// A get worth sending again (no leader, no answer).
+    Failed(String),
 }
 
 /// A get that fails the same way when sent again: a bad filter, or no such stream.

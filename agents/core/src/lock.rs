@@ -164,17 +164,21 @@ pub async fn queue(store: &kv::Store, key: &str) -> Result<Vec<ReleaseId>> {
 async fn read_queue(store: &kv::Store, key: &str) -> Result<(Vec<ReleaseId>, Option<u64>)> {
     match store.entry(key).await.map_err(|e| LockError::new(key, e))? {
         Some(entry) if entry.operation == kv::Operation::Put => {
-            let ids: Vec<String> = serde_json::from_slice(&entry.value)
-                .map_err(|e| LockError::new(key, format!("not a list of release ids: {e}")))?;
-            let ids = ids
-                .iter()
-                .filter_map(|id| ReleaseId::parse(id).ok())
-                .collect();
-            Ok((ids, Some(entry.revision)))
+            Ok((parse_queue(key, &entry.value)?, Some(entry.revision)))
         }
         Some(entry) => Ok((Vec::new(), Some(entry.revision))),
         None => Ok((Vec::new(), None)),
     }
+}
+
+/// The release ids a queue's value lists (ids that don't parse are skipped).
+fn parse_queue(key: &str, value: &[u8]) -> Result<Vec<ReleaseId>> {
+    let ids: Vec<String> = serde_json::from_slice(value)
+        .map_err(|e| LockError::new(key, format!("not a list of release ids: {e}")))?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| ReleaseId::parse(id).ok())
+        .collect())
 }
 
 /// Changes the queue with `change` (which says whether it changed anything), by
@@ -216,10 +220,11 @@ async fn update_queue(
 }
 
 /// Every open release of every workload: those in a queue and those holding a lock (what
-/// `baton list` shows), each once, in no particular order. The keys are read from the bucket's
-/// stream through its leader, not a watch (a consumer, which could land on a server that is
-/// down).
-pub async fn open_releases(bus: &crate::bus::Bus, store: &kv::Store) -> Result<Vec<ReleaseId>> {
+/// `baton list` shows), each once, in no particular order. The bucket's stream is read message
+/// by message (it keeps one per key: its value, or the marker of its deletion), not through a
+/// watch — a consumer, which could land on a server that is down — and not through the bucket's
+/// handle, which only a leader gives.
+pub async fn open_releases(bus: &crate::bus::Bus) -> Result<Vec<ReleaseId>> {
     let prefix = format!("$KV.{}.", crate::bus::LOCKS_BUCKET);
     let mut reader = bus
         .read_stream(
@@ -228,8 +233,7 @@ pub async fn open_releases(bus: &crate::bus::Bus, store: &kv::Store) -> Result<V
         )
         .await
         .map_err(|e| LockError::new("*", e))?;
-    let mut keys = std::collections::BTreeSet::new();
-    // The bucket keeps one message per key: its value, or the marker of its deletion.
+    let mut open = std::collections::BTreeSet::new();
     while let Some(message) = reader
         .next_now()
         .await
@@ -239,19 +243,17 @@ pub async fn open_releases(bus: &crate::bus::Bus, store: &kv::Store) -> Result<V
             .headers
             .get("KV-Operation")
             .is_some_and(|op| op.as_str() != "PUT");
-        if let (false, Some(key)) = (deleted, message.subject.as_str().strip_prefix(&prefix)) {
-            keys.insert(key.to_owned());
+        let Some(key) = message.subject.as_str().strip_prefix(&prefix) else {
+            continue;
+        };
+        if deleted {
+            continue;
         }
-    }
-    let mut open = std::collections::BTreeSet::new();
-    for key in keys {
         if key.starts_with("queue.") {
-            open.extend(queue(store, &key).await?);
+            open.extend(parse_queue(key, &message.payload)?);
         } else if key.starts_with("lock.") {
-            if let Some(id) = holder(store, &key).await? {
-                if let Ok(id) = ReleaseId::parse(&id) {
-                    open.insert(id);
-                }
+            if let Ok(id) = ReleaseId::parse(&String::from_utf8_lossy(&message.payload)) {
+                open.insert(id);
             }
         }
     }

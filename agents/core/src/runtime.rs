@@ -54,6 +54,8 @@ const MAX_BATCH: usize = 64;
 /// request held by a server that dies is lost with it (the consumer's new leader knows nothing
 /// of it): the consumer asks again, of the new leader, at most this long after.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How long a consumer's (re)start waits for its stream's and its own info.
+const CONSUMER_INFO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Any one ack, nak or term on the wire; the broker may be gone at shutdown.
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -728,8 +730,11 @@ pub async fn run_consumer_with(executor: Executor, def: ConsumerDef) {
                 failures = failures.saturating_add(1);
                 ctx.metrics
                     .inc(names::CONSUMER_RESTARTS, &[("consumer", &def.durable)]);
+                // Short: a consumer whose leader died answers again once its replicas have
+                // elected another (nats-server takes 4 to 9 s), and every second of back-off
+                // beyond that is a second the release waits.
                 let wait = Duration::from_millis(
-                    200u64.saturating_mul(2u64.saturating_pow(failures.min(5))),
+                    200u64.saturating_mul(2u64.saturating_pow(failures.min(2))),
                 );
                 tracing::warn!(consumer = %def.durable, error = %e, retry_in_ms = wait.as_millis() as u64, "consumer interrupted");
                 tokio::select! {
@@ -755,16 +760,20 @@ async fn consume(executor: &Executor, def: &ConsumerDef, failures: &mut u32) -> 
         consumer: def.durable.clone(),
         message,
     };
-    let stream = ctx
-        .bus
-        .jetstream()
-        .get_stream(&def.stream)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_consumer(&def.durable)
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    // Each answered by a leader (the stream's, the consumer's): asked again soon rather than
+    // waited on while one is being elected.
+    let stream = tokio::time::timeout(
+        CONSUMER_INFO_TIMEOUT,
+        ctx.bus.jetstream().get_stream(&def.stream),
+    )
+    .await
+    .map_err(|_| err(format!("no stream info within {CONSUMER_INFO_TIMEOUT:?}")))?
+    .map_err(|e| err(e.to_string()))?;
+    let consumer: jetstream::consumer::PullConsumer =
+        tokio::time::timeout(CONSUMER_INFO_TIMEOUT, stream.get_consumer(&def.durable))
+            .await
+            .map_err(|_| err(format!("no consumer info within {CONSUMER_INFO_TIMEOUT:?}")))?
+            .map_err(|e| err(e.to_string()))?;
     let settings = Arc::new(ConsumerSettings {
         durable: def.durable.clone(),
         ack_wait: consumer.cached_info().config.ack_wait,

@@ -98,12 +98,11 @@ async fn timed<T>(what: &'static str, f: impl std::future::Future<Output = T>) -
 }
 
 async fn bucket(bus: &Bus) -> Result<kv::Store> {
-    timed("opening the configuration bucket", bus.kv(CONFIG_BUCKET))
-        .await?
-        .map_err(|e| StoreError::Bucket {
-            bucket: CONFIG_BUCKET.into(),
-            message: format!("{e} (has `baton bus apply` been run?)"),
-        })
+    // Bounded by the bus itself (it asks again while the bucket elects a leader).
+    bus.kv(CONFIG_BUCKET).await.map_err(|e| StoreError::Bucket {
+        bucket: CONFIG_BUCKET.into(),
+        message: format!("{e} (has `baton bus apply` been run?)"),
+    })
 }
 
 fn read_err(e: impl std::fmt::Display) -> StoreError {
