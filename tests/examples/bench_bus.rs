@@ -55,15 +55,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The stream's leader and its followers, by server name.
+/// The event stream's leader and its followers, by server name.
 async fn roles(js: &jetstream::Context) -> Result<(String, Vec<String>)> {
-    let info = js.get_stream(EVENTS_STREAM).await?.info().await?.clone();
-    let cluster = info.cluster.context("the stream has no cluster info")?;
-    let leader = cluster.leader.context("the stream has no leader")?;
-    Ok((
-        leader,
-        cluster.replicas.into_iter().map(|p| p.name).collect(),
-    ))
+    baton_tests::stream_roles(js, EVENTS_STREAM).await
 }
 
 /// Waits until every stream and every consumer of the bus has a leader again (answers its info

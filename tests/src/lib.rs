@@ -24,7 +24,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use baton_core::bus::{Bus, InitialConnect, NatsArgs, Source};
 use baton_core::busconfig::{self, Definitions};
-use baton_proto::v1::ReleaseSpec;
+use baton_core::event::{Event, EventType};
+use baton_core::ids::EventKey;
+use baton_core::names::{AppName, EnvName, ReleaseId};
+use baton_core::subject::EventSubject;
+use baton_proto::v1::{envelope::Payload, ReleaseRequested, ReleaseSpec};
 use baton_sandbox::process::{ManagedProcess, ProcessSpec};
 use baton_sandbox::{Sandbox, SandboxOptions};
 
@@ -368,4 +372,38 @@ pub async fn dead_letters(
         });
     }
     Ok(out)
+}
+
+/// Publishes a `release.requested` of `spec` as `actor` on the subject of the spec's environment
+/// and app, as a hand-made request would be (the CLI checks nothing of it); its release id.
+pub async fn publish_request(cli: &Bus, spec: ReleaseSpec, actor: &str) -> Result<ReleaseId> {
+    let rid = ReleaseId::generate();
+    let subject = EventSubject::new(
+        EnvName::new(&spec.env)?,
+        AppName::new(&spec.app)?,
+        rid,
+        EventType::ReleaseRequested,
+    );
+    let event = Event::new(
+        rid,
+        EventKey::Once,
+        Payload::ReleaseRequested(ReleaseRequested { spec: Some(spec) }),
+        cli.source(),
+        actor,
+        "",
+    );
+    cli.publish(&subject, &event).await?;
+    Ok(rid)
+}
+
+/// The server leading `stream`'s replicas, and those following it, by name.
+pub async fn stream_roles(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Result<(String, Vec<String>)> {
+    let info = js.get_stream(stream).await?.info().await?.clone();
+    let cluster = info.cluster.context("the stream has no cluster info")?;
+    let leader = cluster.leader.context("the stream has no leader")?;
+    let followers = cluster.replicas.iter().map(|p| p.name.clone()).collect();
+    Ok((leader, followers))
 }

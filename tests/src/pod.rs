@@ -420,29 +420,29 @@ pub fn container_env(
             (Some(v), _) => expand(v, &env),
             (None, None) => String::new(),
             (None, Some(from)) => {
-                if let Some(r) = &from.config_map_key_ref {
-                    let data = manifests.source("ConfigMap", pod.namespace, &r.name, r.optional)?;
-                    match data.get(&r.key) {
-                        Some(v) => String::from_utf8(v.clone())?,
-                        None if r.optional == Some(true) => continue,
-                        None => bail!(
-                            "env {}: the ConfigMap {} has no key {:?}",
-                            var.name,
-                            r.name,
-                            r.key
-                        ),
+                // A key of a ConfigMap or Secret: its value, or none (an optional one absent).
+                let key_ref = |kind: &str, name: &str, key: &str, optional: Option<bool>| {
+                    let data = manifests.source(kind, pod.namespace, name, optional)?;
+                    match data.get(key) {
+                        Some(v) => Ok(Some(String::from_utf8(v.clone())?)),
+                        None if optional == Some(true) => Ok(None),
+                        None => Err(anyhow::anyhow!(
+                            "env {}: the {kind} {name} has no key {key:?}",
+                            var.name
+                        )),
                     }
+                };
+                let found = if let Some(r) = &from.config_map_key_ref {
+                    Some(key_ref("ConfigMap", &r.name, &r.key, r.optional)?)
                 } else if let Some(r) = &from.secret_key_ref {
-                    let data = manifests.source("Secret", pod.namespace, &r.name, r.optional)?;
-                    match data.get(&r.key) {
-                        Some(v) => String::from_utf8(v.clone())?,
-                        None if r.optional == Some(true) => continue,
-                        None => bail!(
-                            "env {}: the Secret {} has no key {:?}",
-                            var.name,
-                            r.name,
-                            r.key
-                        ),
+                    Some(key_ref("Secret", &r.name, &r.key, r.optional)?)
+                } else {
+                    None
+                };
+                if let Some(found) = found {
+                    match found {
+                        Some(v) => v,
+                        None => continue,
                     }
                 } else if let Some(f) = &from.field_ref {
                     match f.field_path.as_str() {

@@ -62,6 +62,29 @@ async fn run(
     ))
 }
 
+/// A token of ServiceAccount `sa`, valid `seconds` (a TokenRequest, as `kubectl create token`
+/// and the kubelet's projected token make one).
+async fn service_account_token(
+    accounts: &Api<ServiceAccount>,
+    sa: &str,
+    seconds: i64,
+) -> Result<String> {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(seconds),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    accounts
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("a token for {sa}"))?
+        .status
+        .and_then(|s| s.token)
+        .with_context(|| format!("no token for {sa}"))
+}
+
 fn kubectl() -> PathBuf {
     PathBuf::from("kubectl")
 }
@@ -294,20 +317,7 @@ async fn with_installed(baton: &mut Baton, admin: &Path, ns: &str, work: &Path) 
     let mut kubeconfigs = Vec::new();
     for agent in AGENTS {
         let sa = format!("baton-{agent}");
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                expiration_seconds: Some(7200),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let token = accounts
-            .create_token_request(&sa, &PostParams::default(), &request)
-            .await
-            .with_context(|| format!("a token for {sa}"))?
-            .status
-            .and_then(|s| s.token)
-            .with_context(|| format!("no token for {sa}"))?;
+        let token = service_account_token(&accounts, &sa, 7200).await?;
         let path = work.join(format!("{agent}.kubeconfig"));
         kubeconfig_with_token(admin, &token, &path)?;
         kubeconfigs.push((agent, path));
@@ -613,20 +623,7 @@ async fn agents_as_rendered(work: &Path) -> Result<()> {
                 .and_then(|s| s.service_account_name.clone())
                 .with_context(|| format!("{name} names no ServiceAccount"))?;
             // As the kubelet asks for the projected token (`expirationSeconds: 3607`).
-            let request = TokenRequest {
-                spec: Some(TokenRequestSpec {
-                    expiration_seconds: Some(3607),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let token = sa_api
-                .create_token_request(&sa, &PostParams::default(), &request)
-                .await
-                .with_context(|| format!("a token for {sa}"))?
-                .status
-                .and_then(|s| s.token)
-                .with_context(|| format!("no token for {sa}"))?;
+            let token = service_account_token(&sa_api, &sa, 3607).await?;
             // Each pod has a network of its own, where the manifest's port is free; here they
             // share the host's, so they run one after another, on a port nothing else holds.
             let probe_port = 9090;

@@ -38,13 +38,8 @@ async fn admin(env: &BusEnv) -> Result<jetstream::Context> {
     ))
 }
 
-/// The server leading `stream`'s replicas, and the others.
 async fn roles(js: &jetstream::Context, stream: &str) -> Result<(String, Vec<String>)> {
-    let info = js.get_stream(stream).await?.info().await?.clone();
-    let cluster = info.cluster.context("the stream has no cluster info")?;
-    let leader = cluster.leader.context("the stream has no leader")?;
-    let followers = cluster.replicas.iter().map(|p| p.name.clone()).collect();
-    Ok((leader, followers))
+    baton_tests::stream_roles(js, stream).await
 }
 
 async fn every_stream_and_bucket_has_three_replicas_on_a_cluster() -> Result<()> {
@@ -398,24 +393,9 @@ async fn with_one_server_down(down: Down) -> Result<()> {
 
     // A request whose spec the configuration does not back is refused as before.
     let cli = baton.bus.bus("cli").await?;
-    let rid = ReleaseId::generate();
     let mut spec = baton_tests::sample_spec("test", "web", &good);
     spec.namespace = "kube-system".into();
-    let forged = Event::new(
-        rid,
-        EventKey::Once,
-        Payload::ReleaseRequested(baton_proto::v1::ReleaseRequested { spec: Some(spec) }),
-        cli.source(),
-        "mallory",
-        "",
-    );
-    let subject = EventSubject::new(
-        EnvName::new("test")?,
-        AppName::new("web")?,
-        rid,
-        EventType::ReleaseRequested,
-    );
-    cli.publish(&subject, &forged).await?;
+    let rid = baton_tests::publish_request(&cli, spec, "mallory").await?;
     let events = baton.wait_for_end(rid, END).await?;
     ensure!(
         events.last().map(|e| e.event_type) == Some(EventType::ReleaseFailed),

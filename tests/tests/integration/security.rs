@@ -296,11 +296,8 @@ async fn the_generated_users_file_of_bus_config_is_current() -> Result<()> {
 /// runs nothing, nothing in the cluster changes, and the release ends failed saying why.
 async fn a_forged_request_runs_nothing_changes_nothing_and_says_why() -> Result<()> {
     use baton_core::config::{store, Overrides};
-    use baton_core::event::{Event, EventType};
-    use baton_core::ids::EventKey;
-    use baton_core::names::{AppName, EnvName, ReleaseId};
-    use baton_core::subject::EventSubject;
-    use baton_proto::v1::{envelope::Payload, BuildParams, ReleaseRequested};
+    use baton_core::event::EventType;
+    use baton_proto::v1::{envelope::Payload, BuildParams};
     use k8s_openapi::api::apps::v1::Deployment;
 
     let baton = baton_tests::release::Baton::start("forged").await?;
@@ -331,22 +328,7 @@ async fn a_forged_request_runs_nothing_changes_nothing_and_says_why() -> Result<
     };
     // The spec is valid on its own: only the configuration can tell it was forged.
     baton_core::validate::release_spec(&forged).map_err(|e| anyhow::anyhow!(e))?;
-    let rid = ReleaseId::generate();
-    let event = Event::new(
-        rid,
-        EventKey::Once,
-        Payload::ReleaseRequested(ReleaseRequested { spec: Some(forged) }),
-        cli.source(),
-        "mallory",
-        "",
-    );
-    let subject = EventSubject::new(
-        EnvName::new("test")?,
-        AppName::new("web")?,
-        rid,
-        EventType::ReleaseRequested,
-    );
-    cli.publish(&subject, &event).await?;
+    let rid = baton_tests::publish_request(&cli, forged, "mallory").await?;
 
     let events = baton.wait_for_end(rid, Duration::from_secs(120)).await?;
     let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
