@@ -777,7 +777,22 @@ impl PodProcess {
         )
         .await?;
         let scratch_s = scratch.display().to_string();
-        in_ns(&["-t", "tmpfs", "-o", "mode=0700", "tmpfs", &scratch_s]).await?;
+        // 0711: the container's user reaches the program below, and lists nothing.
+        in_ns(&["-t", "tmpfs", "-o", "mode=0711", "tmpfs", &scratch_s]).await?;
+        // The program, bound into the scratch folder before anything is mounted: a pod that
+        // mounts over the folder it was built in (an emptyDir at /tmp, with the repository
+        // cloned under /tmp) still runs it.
+        let bin_dir = scratch.join("bin");
+        std::fs::create_dir(view(&bin_dir))?;
+        std::fs::set_permissions(view(&bin_dir), std::fs::Permissions::from_mode(0o755))?;
+        let program = bin_dir.join(binary.file_name().context("the program has no name")?);
+        std::fs::write(view(&program), b"")?;
+        in_ns(&[
+            "--bind",
+            &binary.display().to_string(),
+            &program.display().to_string(),
+        ])
+        .await?;
         let chown_group = |path: &Path, group: Option<i64>| -> Result<()> {
             if let Some(g) = group {
                 std::os::unix::fs::chown(path, Some(0), Some(u32::try_from(g)?))?;
@@ -861,9 +876,7 @@ impl PodProcess {
                 let ours = covered.iter().any(|c| ancestor.starts_with(c));
                 if !ours {
                     ensure!(
-                        ancestor != Path::new("/")
-                            && !scratch.starts_with(&ancestor)
-                            && !binary.starts_with(&ancestor),
+                        ancestor != Path::new("/") && !scratch.starts_with(&ancestor),
                         "{name}: cannot make {} without hiding {} (which this test needs)",
                         target.display(),
                         ancestor.display()
@@ -894,7 +907,7 @@ impl PodProcess {
                 }
             }
             ensure!(
-                !scratch.starts_with(&target) && !binary.starts_with(&target),
+                !scratch.starts_with(&target),
                 "{name}: mountPath {} would hide what this test needs",
                 target.display()
             );
@@ -923,7 +936,7 @@ impl PodProcess {
             cmd.arg("--no-new-privs");
         }
         cmd.arg("--")
-            .arg(&binary)
+            .arg(&program)
             .args(&argv[1..])
             .env_clear()
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -934,7 +947,7 @@ impl PodProcess {
             .kill_on_drop(true);
         let child = cmd
             .spawn()
-            .with_context(|| format!("{name}: starting {}", binary.display()))?;
+            .with_context(|| format!("{name}: starting {}", program.display()))?;
         let holder = started.holder.take().context("no holder")?;
         started.scratch = None;
         Ok(PodProcess {
