@@ -49,6 +49,18 @@ impl StreamStatus {
             .count();
         self.leader.is_some() && current > self.replicas / 2
     }
+
+    fn failed(name: &str, error: String) -> StreamStatus {
+        StreamStatus {
+            stream: name.to_owned(),
+            replicas: 0,
+            leader: None,
+            peers: Vec::new(),
+            messages: 0,
+            bytes: 0,
+            error: Some(error),
+        }
+    }
 }
 
 /// The names of every stream behind the bus's definitions: streams, buckets, object stores.
@@ -100,20 +112,6 @@ async fn stream_status(js: &jetstream::Context, name: &str) -> StreamStatus {
         messages: info.state.messages,
         bytes: info.state.bytes,
         error: None,
-    }
-}
-
-impl StreamStatus {
-    fn failed(name: &str, error: String) -> StreamStatus {
-        StreamStatus {
-            stream: name.to_owned(),
-            replicas: 0,
-            leader: None,
-            peers: Vec::new(),
-            messages: 0,
-            bytes: 0,
-            error: Some(error),
-        }
     }
 }
 

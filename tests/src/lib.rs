@@ -407,3 +407,12 @@ pub async fn stream_roles(
     let followers = cluster.replicas.iter().map(|p| p.name.clone()).collect();
     Ok((leader, followers))
 }
+
+/// What a command printed, standard output then standard error.
+pub fn out_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

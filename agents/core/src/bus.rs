@@ -624,6 +624,15 @@ impl StreamReader {
     }
 }
 
+/// Whether a message of a bucket's stream holds a value (a put), not the marker of a key's
+/// deletion or purge.
+pub fn is_kv_put(message: &StreamMessage) -> bool {
+    message
+        .headers
+        .get("KV-Operation")
+        .is_none_or(|op| op.as_str() == "PUT")
+}
+
 /// What one get found.
 enum Got {
     Message(StreamMessage),

@@ -239,14 +239,10 @@ pub async fn open_releases(bus: &crate::bus::Bus) -> Result<Vec<ReleaseId>> {
         .await
         .map_err(|e| LockError::new("*", e))?
     {
-        let deleted = message
-            .headers
-            .get("KV-Operation")
-            .is_some_and(|op| op.as_str() != "PUT");
         let Some(key) = message.subject.as_str().strip_prefix(&prefix) else {
             continue;
         };
-        if deleted {
+        if !crate::bus::is_kv_put(&message) {
             continue;
         }
         if key.starts_with("queue.") {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
+use baton_tests::out_text;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -985,11 +986,7 @@ async fn manual_rollback(baton: &Baton, client: &Client) -> Result<()> {
             "errors up",
         ])
         .await?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = out_text(&out);
     ensure!(
         out.status.success(),
         "baton rollback --wait failed:\n{text}"
@@ -1078,14 +1075,6 @@ async fn manual_rollback(baton: &Baton, client: &Client) -> Result<()> {
         "the plain Deployment was changed"
     );
     Ok(())
-}
-
-fn out_text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 async fn a_quota_without_room_for_a_second_colour_refuses_the_release_before_it_changes_anything(

@@ -229,11 +229,7 @@ async fn documents(bus: &Bus) -> Result<Vec<(u64, Document)>> {
         .map_err(read_err)?;
     let mut docs = Vec::new();
     while let Some(message) = reader.next_now().await.map_err(read_err)? {
-        let put = message
-            .headers
-            .get("KV-Operation")
-            .is_none_or(|op| op.as_str() == "PUT");
-        if put {
+        if crate::bus::is_kv_put(&message) {
             docs.push((
                 message.sequence,
                 decode(message.sequence, &message.payload)?,
