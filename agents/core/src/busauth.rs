@@ -185,6 +185,8 @@ pub fn permissions(defs: &Definitions, clusters: &[String], user: &str) -> Optio
             objects_read(allow, LOGS_BUCKET);
             read_stream(allow, DLQ);
             ephemeral_consumers(allow, DLQ);
+            // `baton bus status`: the outbox's replicas and counts, never its messages.
+            allow.push(format!("$JS.API.STREAM.INFO.{NOTIFY}"));
             p.subscribe_allow.push(subject::all_events());
         }
         "config" => {

@@ -71,6 +71,11 @@ async fn usage_input_and_connection_errors_exit_1_with_a_clear_message() -> Resu
         ),
         (vec!["metrics", "--window", "fortnight"], "--window"),
         (vec!["history", "--limit", "0"], "--limit"),
+        (
+            vec!["bus", "status", "--output", "xml"],
+            "invalid value 'xml'",
+        ),
+        (vec!["bus", "status", "--as", "nobody"], "nobody.nk"),
     ];
     // Malformed commit times, some cutting a character in two: an error, never a panic.
     let release = [

@@ -373,6 +373,25 @@ async fn with_one_server_down(down: Down) -> Result<()> {
         .kill9()
         .await?;
 
+    // `baton bus status` (as the CLI's user) says so: once the streams it led have new
+    // leaders, every stream takes writes again, and none is led by the server that is down.
+    let status = baton_tests::eventually("every stream to have a leader", END, || async {
+        let out = baton.baton(&["bus", "status"]).await?;
+        Ok(out.status.success().then(|| baton_tests::out_text(&out)))
+    })
+    .await?;
+    ensure!(
+        status
+            .lines()
+            .filter(|l| l.starts_with("BATON_") || l.starts_with("KV_") || l.starts_with("OBJ_"))
+            .count()
+            == 6
+            && status
+                .lines()
+                .all(|l| l.split_whitespace().nth(2) != Some(victim.as_str())),
+        "bus status with {victim} down:\n{status}"
+    );
+
     let mut reads = 0;
     for (app, image, ends) in [
         ("web", &good, EventType::ReleaseSucceeded),
@@ -420,11 +439,7 @@ async fn every_read_answers(baton: &Baton, rid: ReleaseId) -> Result<usize> {
         ] {
             let started = tokio::time::Instant::now();
             let out = baton.baton(&args).await?;
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let text = baton_tests::out_text(&out);
             ensure!(
                 out.status.success(),
                 "`baton {}` failed after {:?}: {text}",
